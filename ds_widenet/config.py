@@ -1,0 +1,479 @@
+"""Typed, self-validating configuration: the recipe (YAML) and its meeting with the DeepSpeed JSON.
+
+Ownership of settings (each has exactly one home; a setting found in the other place is refused):
+
+* DeepSpeed JSON: batch sizes (``train_batch_size``, ``train_micro_batch_size_per_gpu``,
+  ``gradient_accumulation_steps``), precision (``bf16`` / ``fp16``), ``zero_optimization``,
+  ``gradient_clipping``, monitors (``tensorboard``, ``csv_monitor``, ``wandb``), ``steps_per_print``.
+* Recipe: model, MoE routing, ``ep_size``, data, optimizer hyper-parameters, schedule, loss, logging.
+
+The JSON's ``optimizer`` and ``scheduler`` sections are refused: the project builds both from the
+recipe so that MoE parameter groups, the ZeRO-safe LAMB and the paper's schedule are always used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one line and names the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts routing. Defaults are the paper's (top-2 of 4, capacity 1.2, noise 1/E)."""
+
+    num_experts: int = 4
+    k: int = 2
+    expert_dim: int = 4096
+    capacity_factor: float = 1.2
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    # "paper": softmax gate values without renormalisation, N(0, noise_std^2) noise on the logits,
+    #          noise keyed by (seed, step, depth, sample) so it does not depend on the world size.
+    # "deepspeed": DeepSpeed's TopKGate unmodified (renormalised top-2, Gumbel 2nd-expert sampling).
+    router: str = "paper"
+    noise_std: Optional[float] = None  # None -> 1 / num_experts (the authors' code); 0 disables
+    per_depth_gate: bool = False  # Colossal-AI variant: one gate matrix per depth (WideNet only)
+    aux_loss_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.k not in (1, 2):
+            raise ConfigError(f"model.moe.k={self.k}: DeepSpeed's MoE layer supports k=1 or k=2; set model.moe.k to 1 or 2")
+        if self.num_experts < self.k:
+            raise ConfigError(f"model.moe.num_experts={self.num_experts} < k={self.k}: use at least k experts")
+        if self.router not in ("paper", "deepspeed"):
+            raise ConfigError(f"model.moe.router={self.router!r}: use 'paper' or 'deepspeed'")
+        if self.per_depth_gate and self.router != "paper":
+            raise ConfigError("model.moe.per_depth_gate needs model.moe.router='paper' (DeepSpeed's TopKGate has one matrix)")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ConfigError("model.moe capacity factors must be > 0")
+
+    @property
+    def effective_noise_std(self) -> float:
+        return 1.0 / self.num_experts if self.noise_std is None else float(self.noise_std)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a WideNet / ViT / ViT-MoE. Saved beside every checkpoint and every export."""
+
+    arch: str = "widenet"  # widenet | vit | vit_moe
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072  # dense FFN width (ViT, and the dense blocks of ViT-MoE)
+    moe: Optional[MoEConfig] = None
+    moe_last_n: int = 2  # vit_moe: the last N blocks are MoE blocks (the authors' code)
+    pool: str = "avg"  # avg (the paper's MoE configs) | cls (the ViT default)
+    pre_logits: bool = False  # Dense(hidden)+tanh before the head
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    grad_checkpointing: bool = False  # recompute each depth in backward (the memory lever)
+    preset: Optional[str] = None  # the preset this config started from, for the record
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = _from_dict(MoEConfig, self.moe, "model.moe")
+        if self.arch not in ("widenet", "vit", "vit_moe"):
+            raise ConfigError(f"model.arch={self.arch!r}: use widenet, vit or vit_moe")
+        if self.arch in ("widenet", "vit_moe") and self.moe is None:
+            self.moe = MoEConfig()
+        if self.arch == "vit":
+            self.moe = None
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"model.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.pool not in ("avg", "cls"):
+            raise ConfigError(f"model.pool={self.pool!r}: use 'avg' or 'cls'")
+        if self.arch == "vit_moe" and not 0 < self.moe_last_n <= self.depth:
+            raise ConfigError(f"model.moe_last_n={self.moe_last_n} must be in 1..depth={self.depth}")
+        if self.moe is not None and self.moe.per_depth_gate and self.arch != "widenet":
+            raise ConfigError("model.moe.per_depth_gate applies to WideNet only (ViT-MoE blocks have their own gates)")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe sections
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. `digits` needs no files; the others read a local directory only."""
+
+    name: str = "digits"  # digits | imagefolder | cifar10 | cifar100 | synthetic
+    root: Optional[str] = None
+    augment: str = "digits"  # none | digits | cifar | imagenet (the paper's recipe)
+    randaug_ops: int = 2
+    randaug_magnitude: int = 15
+    crop_min_area: float = 0.05
+    num_workers: int = 0
+    eval_batch_size: int = 0  # per rank; 0 -> the train micro batch
+    synthetic_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.name not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
+            raise ConfigError(f"data.name={self.name!r}: use digits, imagefolder, cifar10, cifar100 or synthetic")
+        if self.augment not in ("none", "digits", "cifar", "imagenet"):
+            raise ConfigError(f"data.augment={self.augment!r}: use none, digits, cifar or imagenet")
+        if self.name in ("imagefolder", "cifar10", "cifar100") and not self.root:
+            raise ConfigError(f"data.name={self.name} reads local files: set data.root=/path/to/{self.name}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer hyper-parameters (the JSON's `optimizer` section is refused; see module doc)."""
+
+    name: str = "adamw"  # adamw | lamb (the project's, per parameter) | fused_lamb (CUDA, ZeRO-0)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if self.name not in ("adamw", "lamb", "fused_lamb"):
+            raise ConfigError(f"optim.name={self.name!r}: use adamw, lamb or fused_lamb")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Length and learning-rate shape: linear warmup, then linear (the paper) or cosine decay."""
+
+    epochs: float = 10.0
+    max_steps: int = 0  # > 0 overrides epochs
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_epochs
+    decay: str = "linear"  # linear | cosine | constant
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"schedule.decay={self.decay!r}: use linear, cosine or constant")
+
+
+@dataclass
+class TrainConfig:
+    """Loss, evaluation and logging."""
+
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    log_interval: int = 20  # optimizer steps between metrics.jsonl lines
+    eval_interval: int = 0  # optimizer steps between evaluations; 0 -> once per epoch
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    progress_bar: str = "auto"  # auto (rank 0 on a terminal) | on | off
+
+    def __post_init__(self) -> None:
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"train.nan_policy={self.nan_policy!r}: use stop or skip")
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism. Data parallelism is the world size; ZeRO lives in the DeepSpeed JSON."""
+
+    ep_size: int = 1
+
+
+@dataclass
+class Recipe:
+    """One experiment: model, data, optimizer, schedule, loss. Batch/precision/ZeRO: DeepSpeed JSON."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 0
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Strict dict -> dataclass
+
+# Names a user may reasonably put in the recipe that belong to the DeepSpeed JSON.
+_DS_OWNED = {
+    "batch_size": "train_micro_batch_size_per_gpu / train_batch_size",
+    "micro_batch_size": "train_micro_batch_size_per_gpu",
+    "train_batch_size": "train_batch_size",
+    "train_micro_batch_size_per_gpu": "train_micro_batch_size_per_gpu",
+    "global_batch_size": "train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "grad_accum": "gradient_accumulation_steps",
+    "bf16": "bf16.enabled",
+    "fp16": "fp16.enabled",
+    "precision": "bf16.enabled / fp16.enabled",
+    "dtype": "bf16.enabled / fp16.enabled",
+    "zero_stage": "zero_optimization.stage",
+    "zero_optimization": "zero_optimization",
+    "gradient_clipping": "gradient_clipping",
+    "clip_grad": "gradient_clipping",
+    "grad_clip": "gradient_clipping",
+}
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        return tuple(value)
+    return value
+
+
+def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            if key in _DS_OWNED:
+                raise ConfigError(f"recipe key {path} belongs to the DeepSpeed JSON: set {_DS_OWNED[key]} there instead")
+            raise ConfigError(f"unknown recipe key {path!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{where or 'recipe'}: {e}") from None
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
+    """Build a ModelConfig; `preset: NAME` starts from a named preset, other keys override it."""
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is None:
+        return _from_dict(ModelConfig, data, where)
+    from .models.presets import get_preset  # presets are data built on ModelConfig
+
+    base = get_preset(preset).to_dict()
+    moe_override = data.pop("moe", None)
+    if moe_override is not None:
+        if not isinstance(moe_override, dict):
+            raise ConfigError(f"{where}.moe must be a mapping")
+        base["moe"] = {**(base.get("moe") or {}), **moe_override}
+    unknown = set(data) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        _from_dict(ModelConfig, {k: data[k] for k in unknown}, where)  # raises with the right message
+    base.update(data)
+    base["preset"] = preset
+    return _from_dict(ModelConfig, base, where)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    data = dict(data or {})
+    model = data.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ConfigError("recipe key 'model' must be a mapping")
+    recipe = _from_dict(Recipe, data, "")
+    recipe.model = model_config_from_dict(model)
+    return recipe
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=0.001)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"override {key}: {p} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: Union[str, Path, None], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe, apply overrides and validate it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} not found: pass an existing YAML file (see ds_configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {p} must be a YAML mapping")
+    return recipe_from_dict(apply_overrides(data, overrides or []))
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSON and the parallel layout
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The resolved batch triplet: global = micro * grad_accum * world."""
+
+    micro: int
+    grad_accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.grad_accum * self.world
+
+
+def load_ds_config(path: Union[str, Path]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {p} not found: pass an existing JSON file (see ds_configs/)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {p} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {p} must be a JSON object")
+    return cfg
+
+
+def resolve_batch(ds: dict[str, Any], world: int) -> BatchLayout:
+    """DeepSpeed's batch triplet rules, with a one-line error where it would assert."""
+    tb = ds.get("train_batch_size")
+    mb = ds.get("train_micro_batch_size_per_gpu")
+    ga = ds.get("gradient_accumulation_steps")
+    if mb is None and tb is None:
+        raise ConfigError("DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (and optionally train_batch_size)")
+    if mb is not None and ga is not None and tb is not None:
+        if tb != mb * ga * world:
+            raise ConfigError(
+                f"train_batch_size={tb} != micro {mb} x grad_accum {ga} x world {world}: fix one of the three in the DeepSpeed config")
+    elif mb is not None and tb is not None:
+        if tb % (mb * world):
+            raise ConfigError(
+                f"train_batch_size={tb} is not divisible by micro batch {mb} x world size {world}: change train_batch_size or the micro batch")
+        ga = tb // (mb * world)
+    elif tb is not None and ga is not None:
+        if tb % (ga * world):
+            raise ConfigError(f"train_batch_size={tb} is not divisible by grad_accum {ga} x world {world}: change one of them")
+        mb = tb // (ga * world)
+    elif tb is not None:
+        ga = 1
+        if tb % world:
+            raise ConfigError(f"train_batch_size={tb} is not divisible by the world size {world}: change train_batch_size")
+        mb = tb // world
+    else:
+        ga = ga or 1
+    return BatchLayout(micro=int(mb), grad_accum=int(ga), world=world)
+
+
+def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
+    """Where ep_size, num_experts, ZeRO stage, world size, batch and precision meet. Raises ConfigError."""
+    for section, owner in (("optimizer", "optim"), ("scheduler", "schedule")):
+        if section in ds:
+            raise ConfigError(
+                f"DeepSpeed config has an '{section}' section: remove it and set the recipe's {owner}: section "
+                "(the project builds MoE-split parameter groups and its own LAMB/schedule)")
+    if "moe" in ds:
+        raise ConfigError("DeepSpeed config has a 'moe' section: MoE settings belong to the recipe's model.moe and parallel.ep_size")
+    moe = recipe.model.moe
+    ep = recipe.parallel.ep_size
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if ep < 1:
+        raise ConfigError(f"parallel.ep_size={ep} must be >= 1")
+    if moe is None and ep != 1:
+        raise ConfigError(f"parallel.ep_size={ep} needs an MoE model: set parallel.ep_size=1 for a dense ViT")
+    if moe is not None:
+        if moe.num_experts % ep:
+            raise ConfigError(f"parallel.ep_size={ep} does not divide model.moe.num_experts={moe.num_experts}: pick a divisor of the expert count")
+        if world % ep:
+            raise ConfigError(f"parallel.ep_size={ep} does not divide the world size {world}: launch a multiple of {ep} processes or change ep_size")
+        if stage == 3:
+            raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: set zero_optimization.stage to 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage}: use 0, 1 or 2")
+    if recipe.optim.name == "lamb" and stage > 0:
+        raise ConfigError(
+            f"optim.name=lamb with ZeRO stage {stage}: ZeRO hands the optimizer flat partitions, so LAMB's trust ratio would be "
+            "per partition (DeepSpeed #88/#490); use ZeRO stage 0 with lamb, or adamw (a ZeRO-aware LAMB is tracked in issue 3)")
+    if recipe.optim.name == "fused_lamb" and stage > 0:
+        raise ConfigError("optim.name=fused_lamb is per partition under ZeRO 1/2: use ZeRO stage 0 or optim.name=adamw")
+    bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
+    fp16 = bool((ds.get("fp16") or {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ConfigError("DeepSpeed config enables both bf16 and fp16: enable one")
+    layout = resolve_batch(ds, world)
+    if recipe.model.moe is not None and recipe.model.moe.drop_tokens:
+        tokens = layout.micro * (recipe.model.num_patches + (1 if recipe.model.pool == "cls" else 0))
+        if tokens < recipe.model.moe.min_capacity:
+            raise ConfigError(f"micro batch {layout.micro} gives {tokens} tokens < model.moe.min_capacity: raise the micro batch")
+    return layout
+
+
+def derived_steps(recipe: Recipe, train_size: int, layout: BatchLayout) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, warmup_steps) from the schedule and the data size."""
+    steps_per_epoch = train_size // layout.global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the global batch {layout.global_batch} is larger than the training set ({train_size} images): lower the batch size")
+    s = recipe.schedule
+    total = s.max_steps if s.max_steps > 0 else max(1, math.ceil(s.epochs * steps_per_epoch))
+    warmup = s.warmup_steps if s.warmup_steps > 0 else int(round(s.warmup_epochs * steps_per_epoch))
+    return steps_per_epoch, total, min(warmup, total)

@@ -1,0 +1,101 @@
+"""Recipe parsing and the one validation point where ep_size, experts, world, ZeRO and batch meet."""
+from __future__ import annotations
+
+import pytest
+
+from ds_widenet.config import (ConfigError, apply_overrides, derived_steps, load_recipe, recipe_from_dict,
+                               resolve_batch, validate)
+
+DS = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}}
+
+
+def recipe(**model_moe):
+    return recipe_from_dict({"model": {"preset": "widenet-digits", "moe": model_moe}})
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_preset_with_overrides_resolves_and_records_the_preset():
+    r = recipe_from_dict({"model": {"preset": "widenet-digits", "depth": 4, "moe": {"k": 1}}})
+    assert r.model.depth == 4 and r.model.moe.k == 1 and r.model.moe.num_experts == 4
+    assert r.model.preset == "widenet-digits"
+
+
+def test_unknown_recipe_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict({"optim": {"learning_rate": 0.1}})
+    assert "optim.learning_rate" in one_line(e) and "lr" in str(e.value)
+
+
+@pytest.mark.parametrize("key,owner", [("batch_size", "train_micro_batch_size_per_gpu"),
+                                       ("gradient_clipping", "gradient_clipping"), ("bf16", "bf16.enabled")])
+def test_a_deepspeed_setting_in_the_recipe_is_refused_with_its_json_key(key, owner):
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict({"train": {key: 1}})
+    assert "DeepSpeed JSON" in one_line(e) and owner in str(e.value)
+
+
+@pytest.mark.parametrize("section", ["optimizer", "scheduler"])
+def test_optimizer_or_scheduler_in_the_json_is_refused(section):
+    with pytest.raises(ConfigError) as e:
+        validate(recipe(), {**DS, section: {"type": "Adam"}}, world=2)
+    assert "recipe" in one_line(e)
+
+
+def test_ep_size_must_divide_experts_and_world():
+    r = recipe()
+    r.parallel.ep_size = 3
+    with pytest.raises(ConfigError, match="num_experts"):
+        validate(r, DS, world=3)
+    r.parallel.ep_size = 4
+    with pytest.raises(ConfigError, match="world size 2"):
+        validate(r, DS, world=2)
+    r.parallel.ep_size = 2
+    assert validate(r, DS, world=2).grad_accum == 1
+
+
+def test_zero_stage_3_with_moe_is_refused():
+    with pytest.raises(ConfigError) as e:
+        validate(recipe(), {**DS, "zero_optimization": {"stage": 3}}, world=1)
+    assert "stage 3" in one_line(e)
+
+
+def test_lamb_with_zero_partitions_is_refused_until_a_zero_aware_lamb_exists():
+    r = recipe_from_dict({"model": {"preset": "widenet-digits"}, "optim": {"name": "lamb"}})
+    with pytest.raises(ConfigError, match="per partition"):
+        validate(r, DS, world=1)
+    validate(r, {**DS, "zero_optimization": {"stage": 0}}, world=1)
+
+
+def test_batch_triplet_is_resolved_like_deepspeed_and_mismatches_are_one_line_errors():
+    assert resolve_batch({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 16}, 2).grad_accum == 2
+    assert resolve_batch({"train_micro_batch_size_per_gpu": 16}, 4).global_batch == 64
+    with pytest.raises(ConfigError) as e:
+        resolve_batch({"train_batch_size": 60, "train_micro_batch_size_per_gpu": 16}, 2)
+    assert "not divisible" in one_line(e)
+    with pytest.raises(ConfigError):
+        resolve_batch({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 16,
+                       "gradient_accumulation_steps": 3}, 2)
+
+
+def test_overrides_parse_yaml_values_into_nested_sections():
+    d = apply_overrides({"optim": {"lr": 1}}, ["optim.lr=0.5", "model.moe.k=1", "train.mixup_alpha=0"])
+    assert d == {"optim": {"lr": 0.5}, "model": {"moe": {"k": 1}}, "train": {"mixup_alpha": 0}}
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_missing_recipe_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(tmp_path / "nope.yaml")
+    assert "not found" in one_line(e)
+
+
+def test_schedule_steps_follow_epochs_and_the_global_batch():
+    r = recipe_from_dict({"model": {"preset": "widenet-digits"}, "schedule": {"epochs": 3, "warmup_epochs": 1}})
+    layout = resolve_batch({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32}, 2)
+    assert derived_steps(r, 1437, layout) == (22, 66, 22)
