@@ -1,0 +1,186 @@
+"""Parameter groups, optimizers (AdamW, a per-parameter LAMB) and the learning-rate schedule.
+
+The optimizer is built here rather than from the DeepSpeed JSON so that MoE expert parameters always
+sit in their own ``moe=True`` groups (DeepSpeed needs that to reduce expert gradients over the expert
+data-parallel group) and so that LAMB skips the trust ratio for norms and biases.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from .config import ConfigError, OptimConfig, ScheduleConfig
+
+# Substrings of parameter names that are embeddings, not weights: decaying them pulls positions and
+# the class token towards zero, which ViT recipes avoid.
+_NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the trainable parameters of `model` into optimizer groups.
+
+    Two base groups, named ``decay`` (matrices and convolution kernels: ``weight_decay``, LAMB trust
+    ratio on) and ``no_decay`` (biases, norm weights, ``pos_embed``, ``cls_token``: no weight decay,
+    no trust ratio, the LAMB paper's convention). DeepSpeed's splitter then moves expert parameters
+    (``allreduce=False``) of each base group into groups with ``moe=True`` whose ``name`` is the
+    expert group name (e.g. ``ep_size_2``) — DeepSpeed looks the expert data-parallel group up by that
+    name, so the ``decay`` and ``no_decay`` expert groups share it. The splitter copies every other
+    key, so expert groups keep their base group's ``weight_decay`` and ``lamb_trust_ratio``.
+
+    Every parameter with ``requires_grad`` appears in exactly one group; frozen ones in none.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim >= 2 and not any(s in name for s in _NO_DECAY_NAMES):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lamb_trust_ratio": True},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lamb_trust_ratio": False},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"), one trust ratio per tensor.
+
+    For each parameter ``w`` with gradient ``g`` at step ``t``::
+
+        m = beta1 * m + (1 - beta1) * g            v = beta2 * v + (1 - beta2) * g**2
+        u = (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps) + weight_decay * w
+        r = ||w|| / ||u||   (1 where either norm is 0; at most max_trust_ratio unless that is None)
+        w = w - lr * r * u
+
+    A group with ``lamb_trust_ratio=False`` uses ``r = 1`` (plain Adam with decoupled decay), which
+    ``param_groups`` sets for biases and norms. ``max_trust_ratio`` may also be set per group.
+
+    The trust ratio is per *tensor the optimizer sees*. That is the model's parameter with ZeRO stage 0
+    (DeepSpeed's fp16/bf16 wrappers keep one fp32 master per parameter there), but under ZeRO 1/2
+    DeepSpeed hands the optimizer flat partitions of many parameters, so the ratio would be per
+    partition (DeepSpeed issues #88, #490). ``config.validate`` refuses lamb with ZeRO > 0 for that
+    reason.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        max_trust_ratio: Optional[float] = 10.0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"Lamb: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: betas={betas} must be in [0, 1)")
+        if max_trust_ratio is not None and max_trust_ratio <= 0:
+            raise ValueError(f"Lamb: max_trust_ratio={max_trust_ratio} must be > 0 or None")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        max_trust_ratio=max_trust_ratio, lamb_trust_ratio=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - beta1**t)).div_(denom)
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                if group["lamb_trust_ratio"]:
+                    w_norm, u_norm = p.norm(), update.norm()
+                    # torch.where rather than Python branching: no device-to-host sync per tensor on CUDA.
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                    if group["max_trust_ratio"] is not None:
+                        ratio = ratio.clamp(max=group["max_trust_ratio"])
+                    update.mul_(ratio)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name`` over `groups` (from `param_groups`).
+
+    ``cfg.weight_decay`` is only the default: each group's own ``weight_decay`` (0 for ``no_decay``)
+    wins, as torch.optim fills in defaults only for keys a group lacks. ``fused_lamb`` is DeepSpeed's
+    CUDA kernel; it applies the trust ratio to every group (it ignores ``lamb_trust_ratio``) and clamps
+    it to [0.01, 10].
+    """
+    common = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, **common)
+    if cfg.name == "lamb":
+        return Lamb(groups, **common)
+    if cfg.name == "fused_lamb":
+        if not torch.cuda.is_available():
+            raise ConfigError("optim.name=fused_lamb needs CUDA: use optim.name=lamb on the CPU")
+        from deepspeed.ops.lamb import FusedLamb  # lazy: loading it JIT-builds a CUDA extension
+
+        return FusedLamb(groups, **common)
+    raise ConfigError(f"optim.name={cfg.name!r}: use adamw, lamb or fused_lamb")
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for the optimizer step that follows `step` earlier steps.
+
+    Warmup is the line from 0 at step -1 to 1 at step ``warmup_steps``: ``(step + 1) / (warmup_steps + 1)``,
+    so the first step already learns a little and step ``warmup_steps`` runs at the peak. Then, over
+    ``[warmup_steps, total_steps]``, ``linear`` (the paper's) or ``cosine`` decay to ``min_lr_ratio``,
+    or ``constant``; steps past ``total_steps`` stay at ``min_lr_ratio``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    if decay == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"schedule.decay={decay!r}: use linear, cosine or constant")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over `lr_lambda`, to be stepped once per optimizer step.
+
+    DeepSpeed's engine calls ``lr_scheduler.step()`` at each gradient-accumulation boundary, so the
+    ``step`` seen by `lr_lambda` counts optimizer steps, not micro batches. `total_steps` and
+    `warmup_steps` come from ``config.derived_steps``.
+    """
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps}, {warmup_steps}")
+    # functools.partial, not a lambda, so the scheduler itself stays picklable (a lambda is not).
+    fn = partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, decay=cfg.decay,
+                 min_lr_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
