@@ -270,6 +270,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads a bare on/off/yes/no as a boolean
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}={value!r} must be a string")
         return value

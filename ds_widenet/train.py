@@ -1,0 +1,245 @@
+"""Training entry point:
+
+    python -m ds_widenet.train --recipe R.yaml --deepspeed_config C.json --out DIR [key=value ...]
+    deepspeed --num_gpus 2 --module ds_widenet.train --recipe ... (or torchrun / mpirun / srun)
+
+The recipe owns model, data, optimizer and schedule; the DeepSpeed JSON owns batch sizes,
+precision, ZeRO, clipping and monitors (see config.py). One optimizer step = `grad_accum`
+micro-batches per rank; every rank gets the same number of tokens at every step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from . import select_accelerator
+from .config import BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate
+
+
+class TrainingError(RuntimeError):
+    """A run-time failure with a one-line message (e.g. a non-finite loss)."""
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ds_widenet.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True, help="YAML recipe (model, data, optim, schedule)")
+    ap.add_argument("--deepspeed_config", "--ds_config", dest="deepspeed_config", required=True,
+                    help="DeepSpeed JSON (batch sizes, precision, ZeRO, clipping, monitors)")
+    ap.add_argument("--out", required=True, help="run directory (metrics.jsonl, resolved configs, checkpoints)")
+    ap.add_argument("--overwrite", action="store_true", help="allow an --out that already holds a run")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.001 model.depth=4")
+    return ap.parse_args(argv)
+
+
+@dataclass
+class Plan:
+    """Everything decided before the process group starts (so bad input fails fast, on every rank)."""
+
+    recipe: Recipe
+    ds_config: dict[str, Any]
+    layout: BatchLayout
+    out: Path
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    from .distributed import discover_env
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    ds_config = load_ds_config(args.deepspeed_config)
+    discover_env()
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+    layout = validate(recipe, ds_config, world)
+    out = Path(args.out)
+    if (out / "metrics.jsonl").exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds a run (metrics.jsonl): choose a new --out or pass --overwrite")
+    if recipe.data.root and not Path(recipe.data.root).exists():
+        raise ConfigError(f"data.root={recipe.data.root} does not exist: point data.root at your data directory")
+    return Plan(recipe, ds_config, layout, out)
+
+
+def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
+    cfg = copy.deepcopy(plan.ds_config)
+    cfg["train_micro_batch_size_per_gpu"] = plan.layout.micro
+    cfg["gradient_accumulation_steps"] = plan.layout.grad_accum
+    cfg["train_batch_size"] = plan.layout.global_batch
+    cfg.setdefault("steps_per_print", 10 ** 9)  # the project logs; keep DeepSpeed's own log quiet
+    return cfg
+
+
+def soft_cross_entropy(logits, targets):
+    import torch
+
+    return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def evaluate(engine, loader, dtype, device, num_classes: int) -> dict[str, Any]:
+    """Exact top-1 over the whole test set under any world size: padding samples (index -1) are
+    masked out of routing (PaperGate) and out of the counts; every real sample counts once."""
+    import torch
+    import torch.distributed as dist
+
+    from .metrics import RoutingAccumulator
+
+    engine.eval()
+    routing = RoutingAccumulator()
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
+    with torch.no_grad():
+        for images, labels, idx in loader:
+            valid = idx >= 0
+            out = engine(images.to(device, dtype), sample_ids=idx.clamp(min=0).to(device), valid=valid.to(device))
+            logits = out.logits.float().cpu()
+            v = valid.cpu()
+            sums[0] += (logits.argmax(-1)[v] == labels[v]).sum()
+            sums[1] += v.sum()
+            sums[2] += torch.nn.functional.cross_entropy(logits[v], labels[v], reduction="sum")
+            routing.add(out.routing)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    engine.train()
+    result = {"top1": float(sums[0] / sums[1]), "eval_loss": float(sums[2] / sums[1]), "eval_images": int(sums[1])}
+    r = routing.reduce()
+    if r is not None:
+        result.update({"eval_min_expert_share": r["min_expert_share"], "eval_expert_share": r["expert_share_overall"],
+                       "eval_drop_rate": r["drop_rate"]})
+    return result
+
+
+def train(plan: Plan) -> dict[str, Any]:
+    """Run the plan; returns the final evaluation. Called on every rank."""
+    import deepspeed
+    import torch
+
+    from .data import EvalSampler, GlobalBatchSampler, build_datasets, build_loader, mixup
+    from .distributed import init_distributed
+    from .metrics import MetricsLog, RoutingAccumulator, all_reduce_mean
+    from .models import build_model
+    from .optim import build_optimizer, build_scheduler, param_groups
+    from . import rng
+
+    recipe, layout = plan.recipe, plan.layout
+    info = init_distributed()
+    torch.manual_seed(recipe.seed)
+    ep = recipe.parallel.ep_size
+
+    train_set, test_set = build_datasets(recipe.data, recipe.model, recipe.seed)
+    steps_per_epoch, total_steps, warmup_steps = derived_steps(recipe, len(train_set), layout)
+    sampler = GlobalBatchSampler(len(train_set), layout.micro, layout.grad_accum, layout.world, info.rank,
+                                 recipe.seed, shuffle=True, start_step=0, total_steps=total_steps)
+    train_loader = build_loader(train_set, sampler, recipe.data.num_workers)
+    eval_batch = recipe.data.eval_batch_size or layout.micro
+    eval_loader = build_loader(test_set, EvalSampler(len(test_set), eval_batch, layout.world, info.rank),
+                               recipe.data.num_workers)
+
+    model = build_model(recipe.model, ep_size=ep, ep_rank=info.rank % ep, seed=recipe.seed)
+    optimizer = build_optimizer(recipe.optim, param_groups(model, recipe.optim.weight_decay))
+    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=_ds_config_for_engine(plan))
+    dtype = next(engine.module.parameters()).dtype
+    device = engine.device
+
+    if info.is_main:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        (plan.out / "metrics.jsonl").write_text("")
+        (plan.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        (plan.out / "ds_config.json").write_text(json.dumps(_ds_config_for_engine(plan), indent=2))
+    log = MetricsLog(plan.out / "metrics.jsonl", info.is_main, engine.monitor)
+    eval_every = recipe.train.eval_interval or steps_per_epoch
+    aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
+
+    bar = None
+    show_bar = recipe.train.progress_bar == "on" or (recipe.train.progress_bar == "auto" and sys.stderr.isatty())
+    if info.is_main and show_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+
+    step, micro = 0, 0
+    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
+    routing = RoutingAccumulator()
+    final: dict[str, Any] = {}
+    train_start = time.time()
+    for images, labels, idx in train_loader:
+        images, idx = images.to(device), idx.to(device)
+        first = int(idx[0]) if len(idx) else 0
+        images, targets = mixup(images, labels.to(device), recipe.model.num_classes, recipe.train.mixup_alpha,
+                                recipe.train.label_smoothing, [recipe.seed, step, rng.SITE_MIXUP, first])
+        out = engine(images.to(dtype), sample_ids=idx, step=step, seed=recipe.seed)
+        ce = soft_cross_entropy(out.logits, targets)
+        loss = ce + aux_w * out.aux_loss
+        if not torch.isfinite(loss.detach()):
+            raise TrainingError(f"non-finite loss ({float(loss):.4g}) at step {step} on rank {info.rank}: "
+                                "lower optim.lr, enable gradient_clipping in the DeepSpeed config, or use fp32")
+        engine.backward(loss)
+        engine.step()
+        window["loss"] += float(ce.detach())
+        window["aux"] += float(out.aux_loss.detach())
+        window["n"] += 1
+        window["images"] += images.shape[0]
+        routing.add(out.routing)
+        micro += 1
+        if micro % layout.grad_accum:
+            continue
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step % recipe.train.log_interval == 0 or step == total_steps:
+            loss_avg, aux_avg, imgs = all_reduce_mean([window["loss"] / window["n"], window["aux"] / window["n"],
+                                                       float(window["images"])])
+            elapsed = time.time() - window["t0"]
+            rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss_avg, "aux_loss": aux_avg,
+                   "lr": scheduler.get_last_lr()[0], "images_per_sec": imgs * layout.world / max(elapsed, 1e-9)}
+            r = routing.reduce()
+            if r is not None:
+                rec.update({"min_expert_share": r["min_expert_share"], "drop_rate": r["drop_rate"]})
+            log.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{rec['lr']:.2e}")
+            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
+            routing = RoutingAccumulator()
+        if step % eval_every == 0 or step == total_steps:
+            result = evaluate(engine, eval_loader, dtype, device, recipe.model.num_classes)
+            final = {"step": step, "epoch": round(step / steps_per_epoch, 3), **result,
+                     "train_seconds": round(time.time() - train_start, 1)}
+            log.write(final, prefix="Eval")
+            if bar is not None:
+                bar.set_postfix(top1=f"{result['top1']:.4f}")
+        if step >= total_steps:
+            break
+    if bar is not None:
+        bar.close()
+    from .checkpoint import save_run_checkpoint
+
+    save_run_checkpoint(engine, plan.out, recipe, step)
+    if info.is_main:
+        (plan.out / "final.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    select_accelerator()
+    args = parse_args(argv)
+    rank0 = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))) == "0"
+    try:
+        plan = plan_run(args)
+        final = train(plan)
+    except (ConfigError, TrainingError) as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank0:
+        print(json.dumps({k: final[k] for k in ("step", "top1", "eval_loss", "train_seconds") if k in final}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
