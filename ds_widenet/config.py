@@ -186,12 +186,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     log_interval: int = 20  # optimizer steps between metrics.jsonl lines
     eval_interval: int = 0  # optimizer steps between evaluations; 0 -> once per epoch
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
     progress_bar: str = "auto"  # auto (rank 0 on a terminal) | on | off
-
-    def __post_init__(self) -> None:
-        if self.nan_policy not in ("stop", "skip"):
-            raise ConfigError(f"train.nan_policy={self.nan_policy!r}: use stop or skip")
 
 
 @dataclass

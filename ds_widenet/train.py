@@ -76,6 +76,18 @@ def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
     return cfg
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop together instead of hanging)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def soft_cross_entropy(logits, targets):
     import torch
 
@@ -176,8 +188,8 @@ def train(plan: Plan) -> dict[str, Any]:
         out = engine(images.to(dtype), sample_ids=idx, step=step, seed=recipe.seed)
         ce = soft_cross_entropy(out.logits, targets)
         loss = ce + aux_w * out.aux_loss
-        if not torch.isfinite(loss.detach()):
-            raise TrainingError(f"non-finite loss ({float(loss):.4g}) at step {step} on rank {info.rank}: "
+        if _any_rank(not bool(torch.isfinite(loss.detach()))):
+            raise TrainingError(f"non-finite loss at step {step} (nothing saved from this run is overwritten): "
                                 "lower optim.lr, enable gradient_clipping in the DeepSpeed config, or use fp32")
         engine.backward(loss)
         engine.step()

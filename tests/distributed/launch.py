@@ -1,0 +1,67 @@
+"""One helper for every multi-process test: run `ds_widenet.train` under a launcher, read its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                "DS_WIDENET_TIMEOUT": "90", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def write_ds_config(path: Path, **cfg: Any) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_cmd(launcher: str, nproc: int, args: list[str]) -> list[str]:
+    module = ["-m", "ds_widenet.train"]
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, *module, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}", *module, *args]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}",
+                "--module", "ds_widenet.train", *args]
+    raise ValueError(launcher)
+
+
+def run_train(launcher: str, nproc: int, recipe: Path, ds_config: Path, out: Path, overrides: list[str],
+              timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["--recipe", str(recipe), "--deepspeed_config", str(ds_config), "--out", str(out), *overrides]
+    res = subprocess.run(train_cmd(launcher, nproc, args), cwd=ROOT, env=child_env(), capture_output=True,
+                         text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{launcher} x{nproc} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def metrics(out: Path, kind: str = "train") -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    key = "loss" if kind == "train" else "top1"
+    return [r for r in rows if key in r]
+
+
+def last_line(text: str) -> Optional[str]:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else None

@@ -1,0 +1,92 @@
+"""Bad input to the training entry point: one line naming the fix, a non-zero exit, no traceback,
+nothing written; and a short real digits training with an accuracy floor."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed.launch import ROOT, child_env, metrics, run_train, write_ds_config
+
+RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
+DS_OK = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 0}}
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ds_widenet.train", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("overrides,ds_extra,needles", [
+    (["optim.learnin_rate=0.1"], {}, ["unknown recipe key", "optim.learnin_rate"]),
+    (["parallel.ep_size=3"], {}, ["ep_size=3", "num_experts"]),
+    (["parallel.ep_size=2"], {}, ["ep_size=2", "world size 1"]),
+    ([], {"zero_optimization": {"stage": 3}}, ["stage 3"]),
+    (["data.name=cifar10", "data.root=/nonexistent/cifar"], {}, ["data.root", "does not exist"]),
+    (["train.gradient_clipping=1.0"], {}, ["DeepSpeed JSON", "gradient_clipping"]),
+    ([], {"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, ["optimizer", "recipe"]),
+    ([], {"train_batch_size": 60}, ["not divisible"]),
+])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, overrides, ds_extra, needles):
+    ds = write_ds_config(tmp_path / "ds.json", **{**DS_OK, **ds_extra})
+    out = tmp_path / "run"
+    res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out), *overrides])
+    assert_one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_an_existing_run_is_not_overwritten_without_the_flag(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out)])
+    assert_one_line_error(res, "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bad_input_under_the_deepspeed_launcher_is_still_one_line(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    res = run_train("deepspeed", 2, RECIPE, ds, tmp_path / "run", ["parallel.ep_size=3"], check=False, timeout=240)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    errors = [ln for ln in (res.stderr + res.stdout).splitlines() if "error: parallel.ep_size=3" in ln]
+    assert len(errors) == 1, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_short_digits_training_learns_and_keeps_every_expert_busy(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    out = tmp_path / "run"
+    run_train("python", 1, RECIPE, ds, out, ["schedule.epochs=12", "train.eval_interval=132"], timeout=540)
+    final = json.loads((out / "final.json").read_text())
+    assert final["eval_images"] == 360
+    assert final["top1"] >= 0.85, final
+    assert final["eval_min_expert_share"] >= 0.10, final
+    train_rows = metrics(out)
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    for key in ("step", "loss", "aux_loss", "lr", "images_per_sec"):
+        assert key in train_rows[0]
+    assert (out / "recipe.json").exists() and (out / "ds_config.json").exists()
+    assert (out / "checkpoints" / "step264" / "recipe.json").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(tmp_path / "run"),
+                   "optim.lr=1e30", "schedule.warmup_steps=1", "schedule.max_steps=20"])
+    assert_one_line_error(res, "non-finite loss", "optim.lr")
