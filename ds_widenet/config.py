@@ -187,6 +187,37 @@ class TrainConfig:
     log_interval: int = 20  # optimizer steps between metrics.jsonl lines
     eval_interval: int = 0  # optimizer steps between evaluations; 0 -> once per epoch
     progress_bar: str = "auto"  # auto (rank 0 on a terminal) | on | off
+    # Routing warnings: {"step", "warning"} records in metrics.jsonl, printed on rank 0; one per
+    # episode (issued again only after the condition has cleared).
+    warn_min_expert_share: float = 0.05  # an expert under this share of a depth's routes (uniform: 1/E); 0 = off
+    warn_patience: int = 3  # ... for this many consecutive log steps
+    warn_max_drop_rate: float = 0.3  # a depth dropping more than this fraction of its routes; 1 = off
+    # Non-finite loss: stop (one-line error) | skip (that optimizer step is skipped on every rank:
+    # no update, no optimizer-state change; the step still counts for data order and schedule).
+    nan_policy: str = "stop"
+    nan_max_consecutive_skips: int = 10  # skip: stop the run after this many skipped steps in a row
+
+    def __post_init__(self) -> None:
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"train.nan_policy={self.nan_policy!r}: use 'stop' or 'skip'")
+        if not 0.0 <= self.warn_min_expert_share < 1.0:
+            raise ConfigError(f"train.warn_min_expert_share={self.warn_min_expert_share} must be in [0, 1) (0 turns it off)")
+        if not 0.0 <= self.warn_max_drop_rate <= 1.0:
+            raise ConfigError(f"train.warn_max_drop_rate={self.warn_max_drop_rate} must be in [0, 1] (1 turns it off)")
+        if self.warn_patience < 1 or self.nan_max_consecutive_skips < 1:
+            raise ConfigError("train.warn_patience and train.nan_max_consecutive_skips must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save (DeepSpeed engine checkpoint + layout-free fp32 shards) and how many to keep."""
+
+    every_steps: int = 0  # 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
 
 
 @dataclass
@@ -206,6 +237,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     description: str = ""
 

@@ -36,6 +36,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="DeepSpeed JSON (batch sizes, precision, ZeRO, clipping, monitors)")
     ap.add_argument("--out", required=True, help="run directory (metrics.jsonl, resolved configs, checkpoints)")
     ap.add_argument("--overwrite", action="store_true", help="allow an --out that already holds a run")
+    ap.add_argument("--resume", default=None, metavar="auto|DIR",
+                    help="continue from the newest complete checkpoint in --out (auto) or from DIR; "
+                         "another world size / ep_size / ZeRO stage is resharded")
+    ap.add_argument("--init_from", default=None, metavar="FILE.safetensors",
+                    help="start from exported weights (fine-tune: a new head for another class count, "
+                         "position embeddings interpolated for another image size)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.001 model.depth=4")
     return ap.parse_args(argv)
@@ -49,6 +55,8 @@ class Plan:
     ds_config: dict[str, Any]
     layout: BatchLayout
     out: Path
+    resume: Optional[Path] = None  # a complete checkpoint directory
+    init_from: Optional[Path] = None
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
@@ -60,11 +68,24 @@ def plan_run(args: argparse.Namespace) -> Plan:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
     layout = validate(recipe, ds_config, world)
     out = Path(args.out)
-    if (out / "metrics.jsonl").exists() and not args.overwrite:
-        raise ConfigError(f"{out} already holds a run (metrics.jsonl): choose a new --out or pass --overwrite")
+    resume = None
+    if args.resume:
+        from .checkpoint import check_same_model, find_checkpoint, read_meta
+
+        resume = find_checkpoint(args.resume, out)
+        check_same_model(read_meta(resume)["model"], recipe.model, resume)
+    elif (out / "metrics.jsonl").exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds a run (metrics.jsonl): pass --resume auto to continue it, "
+                          "choose a new --out, or pass --overwrite")
+    if args.init_from and args.resume:
+        raise ConfigError("--init_from and --resume exclude each other: --resume continues a run, --init_from starts one")
+    init_from = Path(args.init_from) if args.init_from else None
+    if init_from is not None and not (init_from.is_file() and init_from.with_suffix(".json").is_file()):
+        raise ConfigError(f"--init_from {init_from}: the .safetensors file and its .json config must exist "
+                          "(python -m ds_widenet.export writes both)")
     if recipe.data.root and not Path(recipe.data.root).exists():
         raise ConfigError(f"data.root={recipe.data.root} does not exist: point data.root at your data directory")
-    return Plan(recipe, ds_config, layout, out)
+    return Plan(recipe, ds_config, layout, out, resume, init_from)
 
 
 def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
@@ -122,8 +143,44 @@ def evaluate(engine, loader, dtype, device, num_classes: int) -> dict[str, Any]:
     r = routing.reduce()
     if r is not None:
         result.update({"eval_min_expert_share": r["min_expert_share"], "eval_expert_share": r["expert_share_overall"],
-                       "eval_drop_rate": r["drop_rate"]})
+                       "eval_drop_rate": r["drop_rate"], "eval_router_entropy": r["router_entropy"],
+                       "eval_route_change": r["route_change"]})
     return result
+
+
+def initialise_from_export(model, path: Path, recipe: Recipe, ep_size: int, ep_rank: int) -> str:
+    """Load exported weights for fine-tuning; returns a notice of what was adapted."""
+    from .checkpoint import adapt_for_finetune, load_weights_into
+    from .config import model_config_from_dict
+    from safetensors.torch import load_file
+
+    src = model_config_from_dict(json.loads(path.with_suffix(".json").read_text())["model"])
+    weights = adapt_for_finetune(load_file(str(path)), src, recipe.model)
+    missing = load_weights_into(model, weights, ep_size, ep_rank, strict=False)
+    unexpected = [m for m in missing if not m.startswith("head.")]
+    if unexpected:
+        raise ConfigError(f"--init_from {path}: {len(unexpected)} weights missing (e.g. {unexpected[0]}): "
+                          "it is not the same architecture as the recipe's model")
+    changes = []
+    if missing:
+        changes.append(f"new head for {recipe.model.num_classes} classes")
+    if src.img_size // src.patch_size != recipe.model.img_size // recipe.model.patch_size:
+        changes.append(f"position embeddings interpolated to {recipe.model.img_size}px")
+    return f"initialised from {path}" + (f" ({', '.join(changes)})" if changes else "")
+
+
+def reshard_optimizer(engine, scheduler, ckpt: Path, ep_size: int, ep_rank: int, step: int) -> str:
+    """After a layout change: optimizer moments per parameter from the shards, the schedule moved
+    to `step`. Returns the notice for the log."""
+    from .checkpoint import load_moments_into, read_meta, read_shards
+
+    state, meta = read_shards(ckpt, "state")
+    ok = bool(state) and load_moments_into(engine, state, ep_size, ep_rank, int(meta.get("optimizer_step", 0)))
+    for _ in range(step):
+        scheduler.step()
+    old = read_meta(ckpt)["layout"]
+    what = "weights and optimizer moments" if ok else "weights only (optimizer state starts fresh)"
+    return f"resharded {ckpt} from {old} : {what}"
 
 
 def train(plan: Plan) -> dict[str, Any]:
@@ -133,10 +190,11 @@ def train(plan: Plan) -> dict[str, Any]:
 
     from .data import EvalSampler, GlobalBatchSampler, build_datasets, build_loader, mixup
     from .distributed import init_distributed
-    from .metrics import MetricsLog, RoutingAccumulator, all_reduce_mean
+    from .metrics import MetricsLog, NonFiniteGuard, RoutingAccumulator, RoutingWatch, all_reduce_mean, routing_fields
     from .models import build_model
     from .optim import build_optimizer, build_scheduler, param_groups
     from . import rng
+    from .checkpoint import load_weights_into, maybe_fault, read_meta, read_shards, save_checkpoint
 
     recipe, layout = plan.recipe, plan.layout
     info = init_distributed()
@@ -145,27 +203,48 @@ def train(plan: Plan) -> dict[str, Any]:
 
     train_set, test_set = build_datasets(recipe.data, recipe.model, recipe.seed)
     steps_per_epoch, total_steps, warmup_steps = derived_steps(recipe, len(train_set), layout)
+    start_step = read_meta(plan.resume)["step"] if plan.resume else 0
     sampler = GlobalBatchSampler(len(train_set), layout.micro, layout.grad_accum, layout.world, info.rank,
-                                 recipe.seed, shuffle=True, start_step=0, total_steps=total_steps)
+                                 recipe.seed, shuffle=True, start_step=start_step, total_steps=total_steps)
     train_loader = build_loader(train_set, sampler, recipe.data.num_workers)
     eval_batch = recipe.data.eval_batch_size or layout.micro
     eval_loader = build_loader(test_set, EvalSampler(len(test_set), eval_batch, layout.world, info.rank),
                                recipe.data.num_workers)
 
     model = build_model(recipe.model, ep_size=ep, ep_rank=info.rank % ep, seed=recipe.seed)
+    run_layout = {"world": layout.world, "ep_size": ep, "zero_stage": int((plan.ds_config.get("zero_optimization") or {}).get("stage", 0)),
+                  "bf16": bool((plan.ds_config.get("bf16") or {}).get("enabled")), "fp16": bool((plan.ds_config.get("fp16") or {}).get("enabled"))}
+    reshard = plan.resume is not None and read_meta(plan.resume)["layout"] != run_layout
+    if plan.init_from is not None:
+        init_notice = initialise_from_export(model, plan.init_from, recipe, ep, info.rank % ep)
+    elif reshard:  # weights from the layout-free shards; the engine's own files assume the old layout
+        load_weights_into(model, read_shards(plan.resume, "weights")[0], ep, info.rank % ep)
     optimizer = build_optimizer(recipe.optim, param_groups(model, recipe.optim.weight_decay))
     scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=_ds_config_for_engine(plan))
     dtype = next(engine.module.parameters()).dtype
     device = engine.device
+    resume_notice = None
+    if plan.resume is not None and not reshard:
+        engine.load_checkpoint(str(plan.resume.parent), tag=plan.resume.name)  # exact: same layout
+        resume_notice = f"resumed from {plan.resume} (same layout: weights, optimizer and schedule state)"
+    elif reshard:
+        resume_notice = reshard_optimizer(engine, scheduler, plan.resume, ep, info.rank % ep, start_step)
 
     if info.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
-        (plan.out / "metrics.jsonl").write_text("")
+        if plan.resume is None:
+            (plan.out / "metrics.jsonl").write_text("")
         (plan.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         (plan.out / "ds_config.json").write_text(json.dumps(_ds_config_for_engine(plan), indent=2))
     log = MetricsLog(plan.out / "metrics.jsonl", info.is_main, engine.monitor)
+    watch, guard = RoutingWatch.from_config(recipe.train, log), NonFiniteGuard.from_config(engine, recipe.train, log)
+    for notice in (resume_notice, init_notice if plan.init_from is not None else None):
+        if notice:
+            log.write({"step": start_step, "event": notice})
+            if info.is_main:
+                print(f"ds_widenet: {notice}", file=sys.stderr)
     eval_every = recipe.train.eval_interval or steps_per_epoch
     aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
 
@@ -173,9 +252,9 @@ def train(plan: Plan) -> dict[str, Any]:
     show_bar = recipe.train.progress_bar == "on" or (recipe.train.progress_bar == "auto" and sys.stderr.isatty())
     if info.is_main and show_bar:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    step, micro = 0, 0
+    step, micro = start_step, 0
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
     routing = RoutingAccumulator()
     final: dict[str, Any] = {}
@@ -188,16 +267,18 @@ def train(plan: Plan) -> dict[str, Any]:
         out = engine(images.to(dtype), sample_ids=idx, step=step, seed=recipe.seed)
         ce = soft_cross_entropy(out.logits, targets)
         loss = ce + aux_w * out.aux_loss
-        if _any_rank(not bool(torch.isfinite(loss.detach()))):
-            raise TrainingError(f"non-finite loss at step {step} (nothing saved from this run is overwritten): "
-                                "lower optim.lr, enable gradient_clipping in the DeepSpeed config, or use fp32")
-        engine.backward(loss)
-        engine.step()
-        window["loss"] += float(ce.detach())
-        window["aux"] += float(out.aux_loss.detach())
-        window["n"] += 1
-        window["images"] += images.shape[0]
-        routing.add(out.routing)
+        bad = _any_rank(not bool(torch.isfinite(loss.detach())))
+        stop = guard.stop_reason(step) if bad else None  # train.nan_policy (metrics.NonFiniteGuard)
+        if stop:
+            raise TrainingError(stop)
+        guard.backward(loss, bad, step)  # bad: zero gradients, and this optimizer step is skipped on every rank
+        guard.step()
+        if not bad:
+            window["loss"] += float(ce.detach())
+            window["aux"] += float(out.aux_loss.detach())
+            window["n"] += 1
+            window["images"] += images.shape[0]
+            routing.add(out.routing)
         micro += 1
         if micro % layout.grad_accum:
             continue
@@ -205,19 +286,25 @@ def train(plan: Plan) -> dict[str, Any]:
         if bar is not None:
             bar.update(1)
         if step % recipe.train.log_interval == 0 or step == total_steps:
-            loss_avg, aux_avg, imgs = all_reduce_mean([window["loss"] / window["n"], window["aux"] / window["n"],
-                                                       float(window["images"])])
+            n = max(window["n"], 1)  # 0: every micro-batch of the window was skipped (train.nan_policy=skip)
+            loss_avg, aux_avg, imgs = all_reduce_mean([window["loss"] / n, window["aux"] / n, float(window["images"])])
             elapsed = time.time() - window["t0"]
             rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss_avg, "aux_loss": aux_avg,
                    "lr": scheduler.get_last_lr()[0], "images_per_sec": imgs * layout.world / max(elapsed, 1e-9)}
+            if not window["n"]:
+                rec["loss"] = rec["aux_loss"] = None
             r = routing.reduce()
-            if r is not None:
-                rec.update({"min_expert_share": r["min_expert_share"], "drop_rate": r["drop_rate"]})
+            rec.update({**routing_fields(r), "skipped_steps": guard.skipped})  # per-depth routing (metrics.py)
             log.write(rec)
+            watch.update(step, r)  # routing warnings
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{rec['lr']:.2e}")
             window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
             routing = RoutingAccumulator()
+        maybe_fault("train", step, info.rank)
+        every = recipe.checkpoint.every_steps
+        if every and step % every == 0 and step < total_steps:
+            save_checkpoint(engine, plan.out, recipe, step, run_layout, recipe.checkpoint.keep_last)
         if step % eval_every == 0 or step == total_steps:
             result = evaluate(engine, eval_loader, dtype, device, recipe.model.num_classes)
             final = {"step": step, "epoch": round(step / steps_per_epoch, 3), **result,
@@ -229,9 +316,8 @@ def train(plan: Plan) -> dict[str, Any]:
             break
     if bar is not None:
         bar.close()
-    from .checkpoint import save_run_checkpoint
-
-    save_run_checkpoint(engine, plan.out, recipe, step)
+    if step > start_step or plan.resume is None:
+        save_checkpoint(engine, plan.out, recipe, step, run_layout, recipe.checkpoint.keep_last)
     if info.is_main:
         (plan.out / "final.json").write_text(json.dumps(final, indent=2))
     return final
