@@ -146,3 +146,13 @@ def test_bad_checkpoints_and_targets_are_one_line_errors_and_nothing_is_lost(str
                           "--resume", str(ckpts / "step10")], cwd=ROOT, env=child_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "another model" in res.stderr and "depth" in res.stderr
+
+
+def test_finetune_from_an_export_at_another_image_size(straight, tmp_path):
+    out = tmp_path / "w.safetensors"
+    assert _export(straight / "run" / "checkpoints", out).returncode == 0
+    run_train("python", 1, RECIPE, straight / "ds.json", tmp_path / "ft",
+              TINY + ["model.img_size=16", "schedule.max_steps=3", "data.num_workers=0", "--init_from", str(out)])
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("position embeddings interpolated to 16px" in r.get("event", "") for r in rows)
+    assert metrics(tmp_path / "ft")[-1]["step"] == 3
