@@ -488,6 +488,9 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
     fp16 = bool((ds.get("fp16") or {}).get("enabled", False))
     if bf16 and fp16:
         raise ConfigError("DeepSpeed config enables both bf16 and fp16: enable one")
+    if stage == 0 and ep > 1 and float(ds.get("gradient_clipping", 0)) > 0 and (bf16 or fp16):
+        raise ConfigError("gradient_clipping with ZeRO stage 0, ep_size > 1 and bf16/fp16 would clip by an averaged norm "
+                          "(DeepSpeed #8475): use zero_optimization.stage 1 or 2, or fp32")
     layout = resolve_batch(ds, world)
     if recipe.model.moe is not None and recipe.model.moe.drop_tokens:
         tokens = layout.micro * (recipe.model.num_patches + (1 if recipe.model.pool == "cls" else 0))

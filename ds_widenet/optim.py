@@ -184,3 +184,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     fn = partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, decay=cfg.decay,
                  min_lr_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def global_grad_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient under expert parallelism, after DeepSpeed's
+    gradient all-reduce: dense gradients are identical on every rank; each rank holds the
+    gradients of its own experts, so their squares are summed over the expert-parallel group.
+    DeepSpeed's ZeRO-0 clipping instead averages per-rank norms (DeepSpeed #8475)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    dense = torch.zeros((), dtype=torch.float64)
+    experts: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+        else:
+            dense += sq
+    total = dense
+    for name in sorted(experts):
+        sq = experts[name]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
+        total = total + sq
+    return total.sqrt()
+
+
+def clip_grad_norm_global_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip in place by the global norm (see global_grad_norm); returns the norm before clipping."""
+    norm = global_grad_norm(model)
+    coef = max_norm / (float(norm) + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
