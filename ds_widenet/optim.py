@@ -64,11 +64,14 @@ class Lamb(torch.optim.Optimizer):
     A group with ``lamb_trust_ratio=False`` uses ``r = 1`` (plain Adam with decoupled decay), which
     ``param_groups`` sets for biases and norms. ``max_trust_ratio`` may also be set per group.
 
-    The trust ratio is per *tensor the optimizer sees*. That is the model's parameter with ZeRO stage 0
-    (DeepSpeed's fp16/bf16 wrappers keep one fp32 master per parameter there), but under ZeRO 1/2
-    DeepSpeed hands the optimizer flat partitions of many parameters, so the ratio would be per
-    partition (DeepSpeed issues #88, #490). ``config.validate`` refuses lamb with ZeRO > 0 for that
-    reason.
+    The trust ratio is per *model parameter*. With ZeRO stage 0 the optimizer sees the parameters
+    themselves (DeepSpeed's fp16/bf16 wrappers keep one fp32 master per parameter). Under ZeRO 1/2
+    DeepSpeed hands it flat fp32 partitions holding pieces of many parameters, and a plain LAMB
+    would compute one ratio per partition (DeepSpeed issues #88, #490; so does FusedLamb).
+    ``attach_zero_partitions`` makes it ZeRO-aware: each partition element is mapped to its
+    parameter, partial squared norms of w and u are summed per parameter and all-reduced over the
+    partition's data-parallel group (the expert-data-parallel group for expert parameters), and
+    the ratio is applied per parameter again.
     """
 
     def __init__(
@@ -89,6 +92,47 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         max_trust_ratio=max_trust_ratio, lamb_trust_ratio=True)
         super().__init__(params, defaults)
+        # id(flat partition) -> (element -> parameter index [n = padding], n, process group)
+        self._partitions: dict[int, tuple[torch.Tensor, int, Any]] = {}
+
+    def attach_zero_partitions(self, zero_optimizer: Any) -> None:
+        """Learn DeepSpeedZeroOptimizer's (ZeRO 1/2) flat-partition layout from each parameter's
+        `_hp_mapping` (its fragment's place in this rank's partition)."""
+        flats = zero_optimizer.single_partition_of_fp32_groups
+        for flat, lps in zip(flats, zero_optimizer.bit16_groups):
+            n = len(lps)
+            owner = torch.full((flat.numel(),), n, dtype=torch.long, device=flat.device)
+            group = None
+            for j, lp in enumerate(lps):
+                group = getattr(lp, "_dp_group", group)
+                hm = getattr(lp, "_hp_mapping", None)
+                if hm is not None:
+                    a = hm.hp_fragment_address
+                    owner[a.start:a.start + a.numel] = j
+            self._partitions[id(flat)] = (owner, n, group)
+
+    def _trust_ratio(self, p: torch.Tensor, update: torch.Tensor, max_ratio: Optional[float]) -> torch.Tensor:
+        part = self._partitions.get(id(p))
+        if part is None:
+            w_norm, u_norm = p.norm(), update.norm()
+        else:
+            import torch.distributed as dist
+
+            owner, n, group = part
+            sums = torch.zeros(2, n + 1, dtype=torch.float32, device=p.device)
+            sums[0].index_add_(0, owner, p.float().square())
+            sums[1].index_add_(0, owner, update.float().square())
+            if dist.is_initialized():
+                dist.all_reduce(sums, group=group)
+            w_norm, u_norm = sums[0].sqrt(), sums[1].sqrt()
+        # torch.where rather than Python branching: no device-to-host sync per tensor on CUDA.
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        if max_ratio is not None:
+            ratio = ratio.clamp(max=max_ratio)
+        if part is not None:
+            ratio[-1] = 1.0  # padding elements
+            ratio = ratio[part[0]]
+        return ratio
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -116,12 +160,7 @@ class Lamb(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
                 if group["lamb_trust_ratio"]:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    # torch.where rather than Python branching: no device-to-host sync per tensor on CUDA.
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-                    if group["max_trust_ratio"] is not None:
-                        ratio = ratio.clamp(max=group["max_trust_ratio"])
-                    update.mul_(ratio)
+                    update.mul_(self._trust_ratio(p, update, group["max_trust_ratio"]))
                 p.add_(update, alpha=-group["lr"])
         return loss
 

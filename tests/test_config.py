@@ -64,11 +64,12 @@ def test_zero_stage_3_with_moe_is_refused():
     assert "stage 3" in one_line(e)
 
 
-def test_lamb_with_zero_partitions_is_refused_until_a_zero_aware_lamb_exists():
+def test_lamb_runs_with_zero_partitions_but_not_with_the_bf16_optimizer_layout():
     r = recipe_from_dict({"model": {"preset": "widenet-digits"}, "optim": {"name": "lamb"}})
-    with pytest.raises(ConfigError, match="per partition"):
-        validate(r, DS, world=1)
-    validate(r, {**DS, "zero_optimization": {"stage": 0}}, world=1)
+    validate(r, DS, world=1)  # ZeRO-1: the ZeRO-aware LAMB
+    bf16_opt = {**DS, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(ConfigError, match="BF16_Optimizer"):
+        validate(r, bf16_opt, world=1)
 
 
 def test_batch_triplet_is_resolved_like_deepspeed_and_mismatches_are_one_line_errors():
