@@ -293,6 +293,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be an integer")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)
@@ -478,10 +483,10 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
             raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: set zero_optimization.stage to 0, 1 or 2")
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage={stage}: use 0, 1 or 2")
-    if recipe.optim.name == "lamb" and stage > 0:
-        raise ConfigError(
-            f"optim.name=lamb with ZeRO stage {stage}: ZeRO hands the optimizer flat partitions, so LAMB's trust ratio would be "
-            "per partition (DeepSpeed #88/#490); use ZeRO stage 0 with lamb, or adamw (a ZeRO-aware LAMB is tracked in issue 3)")
+    if recipe.optim.name == "lamb" and stage == 1 and (ds.get("data_types") or {}).get("grad_accum_dtype") == "fp32" \
+            and bool((ds.get("bf16") or {}).get("enabled", False)):
+        raise ConfigError("optim.name=lamb with bf16, ZeRO-1 and data_types.grad_accum_dtype=fp32 runs DeepSpeed's BF16_Optimizer, "
+                          "whose partition layout the ZeRO-aware LAMB does not read: drop grad_accum_dtype or use ZeRO stage 2")
     if recipe.optim.name == "fused_lamb" and stage > 0:
         raise ConfigError("optim.name=fused_lamb is per partition under ZeRO 1/2: use ZeRO stage 0 or optim.name=adamw")
     bf16 = bool((ds.get("bf16") or {}).get("enabled", False))

@@ -88,8 +88,20 @@ def plan_run(args: argparse.Namespace) -> Plan:
     return Plan(recipe, ds_config, layout, out, resume, init_from)
 
 
+def project_clips(plan: Plan) -> bool:
+    """ZeRO-0 with expert parallelism: the project clips by the true global norm itself, since
+    DeepSpeed's ZeRO-0 clipping averages per-rank norms although ranks hold different experts
+    (DeepSpeed #8475). ZeRO 1/2 compute the global norm correctly and keep DeepSpeed's clipping."""
+    stage = int((plan.ds_config.get("zero_optimization") or {}).get("stage", 0))
+    return stage == 0 and plan.recipe.parallel.ep_size > 1 and float(plan.ds_config.get("gradient_clipping", 0)) > 0
+
+
 def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
     cfg = copy.deepcopy(plan.ds_config)
+    if project_clips(plan):
+        cfg["gradient_clipping"] = 0.0
+    if plan.recipe.optim.name == "lamb":
+        cfg["zero_allow_untested_optimizer"] = True  # the project's LAMB is ZeRO-aware (attach_zero_lamb)
     cfg["train_micro_batch_size_per_gpu"] = plan.layout.micro
     cfg["gradient_accumulation_steps"] = plan.layout.grad_accum
     cfg["train_batch_size"] = plan.layout.global_batch
@@ -183,6 +195,22 @@ def reshard_optimizer(engine, scheduler, ckpt: Path, ep_size: int, ep_rank: int,
     return f"resharded {ckpt} from {old} : {what}"
 
 
+def attach_zero_lamb(engine) -> None:
+    """Under ZeRO 1/2 the project's LAMB must learn the flat-partition layout to keep its trust
+    ratio per parameter (optim.Lamb.attach_zero_partitions)."""
+    from .optim import Lamb
+
+    basic = getattr(engine, "basic_optimizer", None)
+    if not isinstance(basic, Lamb) or engine.zero_optimization_stage() == 0:
+        return
+    if os.environ.get("DS_WIDENET_NEGATIVE_CONTROL") == "lamb_per_partition":
+        return  # tests only: the broken per-partition LAMB, to show the equivalence test catches it
+    if not hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
+        raise ConfigError(f"optim.name=lamb cannot read {type(engine.optimizer).__name__}'s partition layout: use ZeRO stage 2 "
+                          "(or ZeRO-1 without data_types.grad_accum_dtype=fp32)")
+    basic.attach_zero_partitions(engine.optimizer)
+
+
 def train(plan: Plan) -> dict[str, Any]:
     """Run the plan; returns the final evaluation. Called on every rank."""
     import deepspeed
@@ -192,7 +220,7 @@ def train(plan: Plan) -> dict[str, Any]:
     from .distributed import init_distributed
     from .metrics import MetricsLog, NonFiniteGuard, RoutingAccumulator, RoutingWatch, all_reduce_mean, routing_fields
     from .models import build_model
-    from .optim import build_optimizer, build_scheduler, param_groups
+    from .optim import build_optimizer, build_scheduler, clip_grad_norm_global_, global_grad_norm, param_groups
     from . import rng
     from .checkpoint import load_weights_into, maybe_fault, read_meta, read_shards, save_checkpoint
 
@@ -225,6 +253,7 @@ def train(plan: Plan) -> dict[str, Any]:
                                                            config=_ds_config_for_engine(plan))
     dtype = next(engine.module.parameters()).dtype
     device = engine.device
+    attach_zero_lamb(engine)
     resume_notice = None
     if plan.resume is not None and not reshard:
         engine.load_checkpoint(str(plan.resume.parent), tag=plan.resume.name)  # exact: same layout
@@ -246,6 +275,7 @@ def train(plan: Plan) -> dict[str, Any]:
             if info.is_main:
                 print(f"ds_widenet: {notice}", file=sys.stderr)
     eval_every = recipe.train.eval_interval or steps_per_epoch
+    clip_norm = float(plan.ds_config.get("gradient_clipping", 0)) if project_clips(plan) else 0.0
     aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
 
     bar = None
@@ -272,7 +302,16 @@ def train(plan: Plan) -> dict[str, Any]:
         if stop:
             raise TrainingError(stop)
         guard.backward(loss, bad, step)  # bad: zero gradients, and this optimizer step is skipped on every rank
+        boundary = (micro + 1) % layout.grad_accum == 0
+        log_now = boundary and ((step + 1) % recipe.train.log_interval == 0 or step + 1 == total_steps)
+        grad_norm = None
+        if clip_norm and boundary:  # gradients are all-reduced at the boundary
+            grad_norm = float(clip_grad_norm_global_(engine.module, clip_norm))
+        elif log_now and run_layout["zero_stage"] == 0:
+            grad_norm = float(global_grad_norm(engine.module))
         guard.step()
+        if log_now and grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()  # ZeRO 1/2 compute the global norm themselves
         if not bad:
             window["loss"] += float(ce.detach())
             window["aux"] += float(out.aux_loss.detach())
@@ -290,7 +329,8 @@ def train(plan: Plan) -> dict[str, Any]:
             loss_avg, aux_avg, imgs = all_reduce_mean([window["loss"] / n, window["aux"] / n, float(window["images"])])
             elapsed = time.time() - window["t0"]
             rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss_avg, "aux_loss": aux_avg,
-                   "lr": scheduler.get_last_lr()[0], "images_per_sec": imgs * layout.world / max(elapsed, 1e-9)}
+                   "lr": scheduler.get_last_lr()[0], "images_per_sec": imgs * layout.world / max(elapsed, 1e-9),
+                   "grad_norm": None if grad_norm is None else float(grad_norm)}
             if not window["n"]:
                 rec["loss"] = rec["aux_loss"] = None
             r = routing.reduce()

@@ -88,5 +88,5 @@ def test_short_digits_training_learns_and_keeps_every_expert_busy(tmp_path):
 def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
     res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(tmp_path / "run"),
-                   "optim.lr=1e30", "schedule.warmup_steps=1", "schedule.max_steps=20"])
+                   "optim.lr=1.0e+30", "schedule.warmup_steps=1", "schedule.max_steps=20"])
     assert_one_line_error(res, "non-finite loss", "optim.lr")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..config import MoEConfig
-from .routing import PaperGate, RouteKey, RoutingStats, route_context, stats_from_routes
+from .routing import PaperGate, RouteKey, RoutingStats, gate_entropy, route_context, stats_from_routes
 
 
 class PatchEmbed(nn.Module):
@@ -108,6 +108,7 @@ class MoEFFN(nn.Module):
                 dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
                 cfg.drop_tokens, cfg.effective_noise_std, num_depths if cfg.per_depth_gate else 1)
         self._routes: Optional[Tensor] = None
+        self._entropy: Optional[Tensor] = None
         self.gate.register_forward_hook(self._capture_routes)
 
     @property
@@ -121,14 +122,15 @@ class MoEFFN(nn.Module):
     def _capture_routes(self, module: nn.Module, args: tuple, output: tuple) -> None:
         # MOELayer keeps only l_aux and exp_counts; the per-token routes are what the stats need.
         self._routes = output[3]
+        self._entropy = gate_entropy(module, args)
 
     def forward(self, x: Tensor, depth: int = 0, key: Optional[RouteKey] = None,
                 used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, RoutingStats]:
         self._routes = None
         with route_context(self.gate, depth, key):
             out, l_aux, _ = self.moe(x, used_token)
-        stats = stats_from_routes(l_aux, self._routes, self.cfg.num_experts, x.shape[0], used_token)
-        self._routes = None
+        stats = stats_from_routes(l_aux, self._routes, self.cfg.num_experts, x.shape[0], used_token, self._entropy)
+        self._routes = self._entropy = None
         return _dropout(out, self.dropout, self.training, key, depth, rng.SITE_FFN_DROP), l_aux, stats
 
     @torch.no_grad()

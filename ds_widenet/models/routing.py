@@ -44,12 +44,17 @@ class RouteKey:
 class RoutingStats:
     """One MoE call (one depth): where the tokens went. `expert_index` is [k, B, T] with -1 for a
     route dropped by the capacity limit or masked as padding; `expert_tokens` is the number of
-    routes each expert processed ([E]); `dropped` the fraction of routes dropped ([])."""
+    routes each expert processed ([E]); `dropped` the fraction of routes dropped ([]);
+    `entropy` the router entropy in nats, mean over the used tokens of the entropy of the softmax
+    over experts (the probabilities that routed: with the paper gate's training noise), ln(E) for
+    a uniform router, 0 for a collapsed one; `num_tokens` the number of used (non-padding) tokens."""
 
     aux_loss: Tensor
     expert_index: Tensor
     expert_tokens: Tensor
     dropped: Tensor
+    entropy: Optional[Tensor] = None
+    num_tokens: Optional[Tensor] = None
 
 
 class PaperGate(TopKGate):
@@ -66,6 +71,7 @@ class PaperGate(TopKGate):
         self.wg = torch.nn.Linear(model_dim, num_experts * num_depths, bias=False)
         self.noise_std = noise_std
         self.context: Optional[tuple[int, Optional[RouteKey]]] = None
+        self.last_entropy: Optional[Tensor] = None  # router entropy of the last call (see RoutingStats)
 
     def logits(self, x: Tensor, depth: int) -> Tensor:
         e = self.wg.out_features // self.num_depths
@@ -82,6 +88,7 @@ class PaperGate(TopKGate):
         logits = self.logits(input, depth)
         if self.training and self.noise_std > 0:
             logits = logits + self.noise_std * _router_noise(logits.shape, depth, key, logits.device)
+        self.last_entropy = router_entropy(logits, used_token)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         return paper_routing(logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group)
 
@@ -150,19 +157,44 @@ def route_context(gate: TopKGate, depth: int, key: Optional[RouteKey]) -> Iterat
         gate.context = None
 
 
+def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+    """Mean over the used tokens of the entropy (nats) of softmax(logits) over experts ([S, E] -> [])."""
+    with torch.no_grad():
+        logp = F.log_softmax(logits.detach().float(), dim=-1)
+        h = -(logp.exp() * logp).sum(-1)
+        if used_token is None:
+            return h.mean()
+        w = used_token.reshape(-1).float()
+        return (h * w).sum() / w.sum().clamp(min=1.0)
+
+
+def gate_entropy(gate: TopKGate, args: tuple) -> Tensor:
+    """Router entropy of the gate call whose positional arguments were `args` (input, used_token, ...):
+    PaperGate keeps it from its forward (noise included); DeepSpeed's TopKGate has it recomputed from
+    its weights (its probabilities are softmax(wg(x)): the project never sets noisy_gate_policy, and
+    the Gumbel sampling of the second expert does not change them)."""
+    if isinstance(gate, PaperGate) and gate.last_entropy is not None:
+        return gate.last_entropy
+    with torch.no_grad():
+        logits = F.linear(args[0].float(), gate.wg.weight.float())
+    return router_entropy(logits, args[1] if len(args) > 1 else None)
+
+
 def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
-                      used_token: Optional[Tensor]) -> RoutingStats:
+                      used_token: Optional[Tensor], entropy: Optional[Tensor] = None) -> RoutingStats:
     """Per-depth statistics from the gate's sparse routes ([k, S] expert ids, -1 = not routed)."""
     k, s = indices.shape
     idx = indices.long()
     if used_token is not None:
         used = used_token.reshape(1, s).bool()
         idx = torch.where(used, idx, torch.full_like(idx, -1))
-        n_routes = used.sum() * k
+        n_tokens = used.sum()
     else:
-        n_routes = torch.tensor(k * s, device=idx.device)
+        n_tokens = torch.tensor(s, device=idx.device)
+    n_routes = n_tokens * k
     kept = idx >= 0
     expert_tokens = torch.bincount(idx[kept], minlength=num_experts).float()
     dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
     return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
-                        expert_tokens=expert_tokens.detach(), dropped=dropped.detach())
+                        expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
+                        entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach())

@@ -1,0 +1,464 @@
+"""Seeing inside a run: per-depth routing statistics (share, drops, aux, router entropy, how routes
+change from depth to depth), their reduction over ranks, monitor scalars, routing warnings, and
+the non-finite-loss policy (skip = no update on any rank, exactly)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ds_widenet  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
+from ds_widenet.config import ConfigError, ModelConfig, MoEConfig, load_recipe
+from ds_widenet.metrics import (MetricsLog, RoutingAccumulator, RoutingWatch, monitor_events, read_metrics,
+                                route_changes, split_metrics)
+from ds_widenet.models import RoutingStats, build_model
+from tests.distributed.launch import ROOT, child_env, write_ds_config
+
+E = 4
+
+
+def tiny(depth: int = 3, router: str = "paper", per_depth_gate: bool = False, **moe_kw) -> torch.nn.Module:
+    moe = MoEConfig(num_experts=E, k=2, expert_dim=32, min_capacity=1, router=router, per_depth_gate=per_depth_gate,
+                    **moe_kw)
+    cfg = ModelConfig(arch="widenet", img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=16, depth=depth,
+                      num_heads=2, mlp_dim=32, moe=moe)
+    return build_model(cfg, seed=0)
+
+
+def images(b: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def constant_router(model, prefs_per_depth: list[list[float]]) -> None:
+    """Every token reaching depth d's MoE is the same vector (that depth's norm: weight 0, bias 1),
+    so the router's logits at depth d are exactly prefs_per_depth[d] for every token (a forced,
+    per-depth routing: the experts with low logits receive nothing)."""
+    d_model = model.cfg.embed_dim
+    gate = model.moe.gate
+    for d, norm in enumerate(model.moe_norms):
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+    rows = [torch.tensor(p).float().unsqueeze(1).expand(E, d_model) / d_model for p in prefs_per_depth]
+    gate.wg.weight.copy_(torch.cat(rows) if gate.wg.weight.shape[0] > E else rows[0])
+
+
+def summary_of(model, n_calls: int = 2, train: bool = True) -> dict:
+    model.train(train)
+    acc = RoutingAccumulator()
+    with torch.no_grad():
+        for i in range(n_calls):
+            acc.add(model(images(seed=i), step=i).routing)
+    return acc.reduce()
+
+
+def fake_stats(expert_index: list, dropped: float = 0.0, entropy: float = 1.0, num_tokens: int = 4) -> RoutingStats:
+    idx = torch.tensor(expert_index)
+    kept = idx[idx >= 0]
+    return RoutingStats(aux_loss=torch.tensor(1.0), expert_index=idx,
+                        expert_tokens=torch.bincount(kept, minlength=E).float(), dropped=torch.tensor(dropped),
+                        entropy=torch.tensor(entropy), num_tokens=torch.tensor(num_tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Router entropy
+
+
+@pytest.mark.parametrize("router", ["paper", "deepspeed"])
+def test_router_entropy_is_ln_E_for_a_uniform_router_and_the_softmax_entropy_of_a_forced_one(router):
+    model = tiny(router=router).eval()
+    with torch.no_grad():
+        model.moe.gate.wg.weight.zero_()
+    for r in model(images()).routing:
+        assert float(r.entropy) == pytest.approx(math.log(E), abs=1e-5)
+    prefs = [3.0, 1.0, -2.0, -2.0]
+    constant_router(model, [prefs])
+    p = torch.softmax(torch.tensor(prefs), 0)
+    expected = float(-(p * p.log()).sum())
+    for r in model(images()).routing:
+        assert float(r.entropy) == pytest.approx(expected, abs=1e-4)
+        assert int(r.num_tokens) == 4 * 16
+
+
+def test_padding_tokens_count_neither_in_entropy_nor_in_the_token_weights():
+    model = tiny().eval()
+    valid = torch.tensor([True, True, False, False])
+    full = model(images()[:2]).routing
+    padded = model(images(), valid=valid).routing  # the first two samples are the same images
+    for a, b in zip(full, padded):
+        assert int(b.num_tokens) == 2 * 16
+        assert float(b.entropy) == pytest.approx(float(a.entropy), abs=1e-5)
+
+
+def test_drop_rate_and_entropy_are_weighted_by_tokens_over_calls():
+    acc = RoutingAccumulator()
+    acc.add([fake_stats([[[0, 1, 2, 3]]], dropped=0.5, entropy=1.0, num_tokens=10)])
+    acc.add([fake_stats([[[0, 1, 2, 3]]], dropped=0.1, entropy=0.2, num_tokens=30)])
+    s = acc.reduce()
+    assert s["drop_rate"] == [pytest.approx(0.2)]
+    assert s["router_entropy"] == [pytest.approx(0.4)]
+
+
+# --------------------------------------------------------------------------------------------
+# Routing across depths
+
+
+def test_route_change_counts_tokens_whose_top_k_set_differs_and_leaves_out_dropped_routes():
+    # [k=2, B=1, T=5]; token 0: {0,1} -> {1,0} same set; 1: {2,3} -> {2,1} changed; 2: a route dropped
+    # at depth 0; 3: dropped at depth 1 (both left out); 4: {0,3} -> {3,2} changed
+    d0 = fake_stats([[[0, 2, 0, 1, 0]], [[1, 3, -1, 2, 3]]])
+    d1 = fake_stats([[[1, 2, 0, -1, 3]], [[0, 1, 1, -1, 2]]])
+    d2 = fake_stats([[[1, 2, 0, 0, 3]], [[0, 1, 1, 1, 2]]])
+    changed, compared = route_changes([d0, d1, d2])
+    assert changed.tolist() == [2.0, 0.0] and compared.tolist() == [3.0, 4.0]
+    acc = RoutingAccumulator()
+    acc.add([d0, d1, d2])
+    assert acc.reduce()["route_change"] == [pytest.approx(2 / 3, abs=1e-4), 0.0]
+
+
+def test_route_change_is_zero_for_depths_that_route_alike_and_one_for_depths_that_swap_experts():
+    same = tiny(depth=4, per_depth_gate=True, eval_capacity_factor=4.0)
+    constant_router(same, [[4.0, 3.0, -4.0, -4.0]] * 4)
+    assert summary_of(same, train=False)["route_change"] == [0.0, 0.0, 0.0]
+    swap = tiny(depth=4, per_depth_gate=True, eval_capacity_factor=4.0)
+    constant_router(swap, [[4.0, 3.0, -4.0, -4.0], [-4.0, -4.0, 3.0, 4.0]] * 2)
+    assert summary_of(swap, train=False)["route_change"] == [1.0, 1.0, 1.0]
+
+
+def test_a_real_widenet_routes_some_tokens_differently_at_different_depths():
+    s = summary_of(tiny(depth=4), train=False)
+    assert len(s["route_change"]) == 3
+    assert all(0.0 <= v <= 1.0 for v in s["route_change"])
+    assert max(s["route_change"]) > 0.0  # the per-depth norms make the shared router route differently
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings
+
+
+def test_an_expert_the_router_never_picks_is_reported_after_patience_log_steps_once_per_episode(tmp_path):
+    model = tiny(capacity_factor=4.0)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    watch = RoutingWatch(log, min_share=0.05, patience=3, max_drop=0.3)
+    constant_router(model, [[4.0, 3.0, -4.0, -4.0]])  # experts 2 and 3 get nothing, at every depth
+    issued = []
+    for step in range(1, 5):
+        s = summary_of(model)
+        assert [row[2] for row in s["expert_share"]] == [0.0] * 3 and s["drop_rate"] == [0.0] * 3
+        issued.append(watch.update(step, s))
+    assert issued[0] == [] and issued[1] == [] and issued[3] == []  # not before patience, not repeated
+    assert len(issued[2]) == 1 and "3 consecutive log steps" in issued[2][0]
+    assert "depth 0 expert 2 (0.000)" in issued[2][0] and "depth 2 expert 3 (0.000)" in issued[2][0]
+    model.load_state_dict(original)  # healthy routing: the episode ends
+    healthy = summary_of(model)
+    assert healthy["min_expert_share"] > 0.05
+    assert watch.update(5, healthy) == []
+    constant_router(model, [[4.0, 3.0, -4.0, -4.0]])  # a new episode: reported again after patience
+    assert [bool(watch.update(step, summary_of(model))) for step in (6, 7, 8)] == [False, False, True]
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "warning" in r]
+    assert [r["step"] for r in rows] == [3, 8]
+
+
+def test_a_capacity_that_drops_most_tokens_is_reported_at_once_and_once_per_episode(tmp_path):
+    model = tiny(capacity_factor=0.05)
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    watch = RoutingWatch(log, min_share=0.05, patience=3, max_drop=0.3)
+    s = summary_of(model)
+    assert all(d > 0.8 for d in s["drop_rate"])
+    first = watch.update(1, s)
+    assert len(first) == 1 and "drop rate above 0.3" in first[0] and "depth 2" in first[0]
+    assert "capacity_factor" in first[0]
+    assert watch.update(2, summary_of(model)) == []
+    assert RoutingWatch(log, max_drop=1.0, min_share=0.0).update(1, s) == []  # both checks off
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "warning" in r] == [1]
+
+
+def test_warnings_are_metrics_records_and_log_messages_on_rank_0_only(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ds_widenet"):
+        MetricsLog(tmp_path / "m.jsonl", enabled=True).warn(7, "something is off")
+        MetricsLog(tmp_path / "other.jsonl", enabled=False).warn(7, "not on rank 0")
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert rows[0]["step"] == 7 and rows[0]["warning"] == "something is off"
+    assert not (tmp_path / "other.jsonl").exists()
+    assert [r.getMessage() for r in caplog.records] == ["step 7: something is off"]
+
+
+def test_warning_thresholds_and_nan_policy_are_validated_with_one_line_errors():
+    assert load_recipe(None, ["train.nan_policy=skip"]).train.nan_policy == "skip"
+    for override, needle in [("train.nan_policy=ignore", "nan_policy"), ("train.warn_patience=0", "warn_patience"),
+                             ("train.warn_min_expert_share=1.5", "warn_min_expert_share"),
+                             ("train.warn_max_drop_rate=-0.1", "warn_max_drop_rate")]:
+        with pytest.raises(ConfigError, match=needle) as e:
+            load_recipe(None, [override])
+        assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Records and monitors
+
+
+class FakeMonitor:
+    enabled = True
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def write_events(self, events) -> None:
+        self.events += events
+
+
+def test_per_depth_lists_reach_the_monitors_as_named_scalars(tmp_path):
+    mon = FakeMonitor()
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, monitor=mon)
+    s = summary_of(tiny())
+    log.write({"step": 20, "loss": 1.5, **{k: s[k] for k in ("expert_share", "drop_rate", "aux_per_depth",
+                                                              "router_entropy", "min_expert_share")}})
+    log.write({"step": 20, "top1": 0.5, "eval_route_change": [0.25, None], "eval_router_entropy": [1.0, 1.1, 1.2],
+               "eval_expert_share": [0.1, 0.2, 0.3, 0.4]}, prefix="Eval")
+    ev = {name: (value, step) for name, value, step in mon.events}
+    assert ev["Train/loss"] == (1.5, 20)
+    assert ev["Routing/depth2/entropy"] == (s["router_entropy"][2], 20)
+    assert ev["Routing/depth1/expert3_share"] == (s["expert_share"][1][3], 20)
+    assert ev["Routing/depth0/drop_rate"][0] == s["drop_rate"][0]
+    assert ev["Routing/depth2/aux_loss"][0] == s["aux_per_depth"][2]
+    assert ev["Eval/top1"] == (0.5, 20)
+    assert ev["EvalRouting/depth0_to_1/route_change"] == (0.25, 20)
+    assert "EvalRouting/depth1_to_2/route_change" not in ev  # None (no token compared) is not a scalar
+    assert ev["EvalRouting/depth2/entropy"] == (1.2, 20)
+    assert ev["EvalRouting/expert3_share"] == (0.4, 20)
+    rec = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert len(rec["expert_share"]) == 3 and len(rec["expert_share"][0]) == E and len(rec["router_entropy"]) == 3
+
+
+def test_monitor_events_skip_non_numbers_and_booleans():
+    names = [n for n, _, _ in monitor_events({"step": 1, "warning": "x", "flag": True, "nan": float("nan"), "v": 2})]
+    assert names == ["Train/v"]
+
+
+def test_a_resumed_run_replaces_the_steps_it_logged_again():
+    rows = [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 10, "top1": 0.2},
+            {"step": 15, "loss": 1.9}, {"step": 10, "event": "resumed"}, {"step": 15, "loss": 1.5},
+            {"step": 20, "loss": 1.0}, {"step": 12, "warning": "w"}]
+    parts = split_metrics(rows)
+    assert [(r["step"], r["loss"]) for r in parts["train"]] == [(5, 3.0), (10, 2.0), (15, 1.5), (20, 1.0)]
+    assert len(parts["eval"]) == 1 and len(parts["event"]) == 1 and len(parts["warning"]) == 1
+
+
+def test_read_metrics_ignores_a_torn_last_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(p) == [{"step": 1, "loss": 2.0}]
+
+
+# --------------------------------------------------------------------------------------------
+# Over ranks
+
+
+def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    acc = RoutingAccumulator()
+    # rank 0: every route to experts 0/1, nothing dropped; rank 1: experts 2/3, half dropped
+    idx = [[[0, 0, 0, 0]], [[1, 1, 1, 1]]] if rank == 0 else [[[2, 2, -1, -1]], [[3, 3, -1, -1]]]
+    tokens = torch.tensor([4.0, 4.0, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 0.0, 2.0, 2.0])
+    st = SimpleNamespace(aux_loss=torch.tensor(1.0 + rank), expert_index=torch.tensor(idx), expert_tokens=tokens,
+                         dropped=torch.tensor(0.5 * rank), entropy=torch.tensor(0.1 + rank), num_tokens=torch.tensor(4))
+    acc.add([st, st])
+    s = acc.reduce()
+    if rank == 0:
+        Path(out).write_text(json.dumps(s))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_reduce_aggregates_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "s.json"
+    mp.start_processes(_reduce_worker, args=(2, f"file://{tmp_path / 'store'}", str(out)), nprocs=2,
+                       start_method="spawn")
+    s = json.loads(out.read_text())
+    assert s["expert_share"] == [[0.3333, 0.3333, 0.1667, 0.1667]] * 2
+    assert s["drop_rate"] == [0.25, 0.25]
+    assert s["router_entropy"] == [pytest.approx(0.6), pytest.approx(0.6)]
+    assert s["aux_per_depth"] == [1.5, 1.5]
+    assert s["route_change"] == [0.0]  # the same routes at both depths on each rank
+
+
+# --------------------------------------------------------------------------------------------
+# nan_policy=skip on a real DeepSpeed engine
+
+
+SKIP_SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    import ds_widenet
+    from pathlib import Path
+    import deepspeed
+    from ds_widenet.config import ModelConfig, MoEConfig, OptimConfig, ScheduleConfig
+    from ds_widenet.distributed import init_distributed
+    from ds_widenet.metrics import MetricsLog, NonFiniteGuard, _innermost_optimizer
+    from ds_widenet.models import build_model
+    from ds_widenet.optim import build_optimizer, build_scheduler, param_groups
+
+    init_distributed()
+    CFG = ModelConfig(arch="widenet", img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=16, depth=2,
+                      num_heads=2, mlp_dim=32, moe=MoEConfig(num_experts=4, k=2, expert_dim=32, min_capacity=1))
+
+    def snapshot(engine):
+        inner = _innermost_optimizer(engine.optimizer)
+        return ([p.detach().clone() for p in engine.module.parameters()],
+                [torch.as_tensor(v).clone() for s in inner.state.values() for v in s.values()])
+
+    def equal(a, b):
+        return all(len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b))
+
+    def run(stage, mode, log_path, ga=2):
+        model = build_model(CFG, seed=0)
+        opt = build_optimizer(OptimConfig(lr=1e-2), param_groups(model, 0.05))
+        sched = build_scheduler(opt, ScheduleConfig(max_steps=10, decay="linear"), 10, 0)
+        engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
+            "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": ga, "train_batch_size": 4 * ga,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9})
+        guard = NonFiniteGuard(engine, "skip", MetricsLog(Path(log_path), True))
+        g = torch.Generator().manual_seed(0)
+
+        def micro(step, nan):
+            x = torch.randn(4, 1, 8, 8, generator=g)
+            if nan:
+                x[0, 0, 0, 0] = float("nan")  # NaN activations all the way to the loss
+            out = engine(x)
+            loss = out.logits.float().logsumexp(-1).mean() + 0.01 * out.aux_loss
+            bad = not bool(torch.isfinite(loss))
+            if mode == "unguarded" and bad:  # the control: zero gradients but a normal optimizer step
+                guard.backward(loss, bad, step)
+                engine.step()
+                return False
+            guard.backward(loss, bad, step)
+            return guard.step()
+
+        for m in range(ga):
+            micro(0, False)
+        before = snapshot(engine)
+        if mode == "reference":  # the same data drawn, no update, the schedule advanced as a skip does
+            for m in range(ga):
+                torch.randn(4, 1, 8, 8, generator=g)
+            sched.step()
+            skipped = []
+        else:  # a NaN in the LAST micro-batch of the window: the earlier one's gradients must go too
+            skipped = [micro(1, m == ga - 1) for m in range(ga)]
+        after = snapshot(engine)
+        for m in range(ga):
+            micro(2, False)
+        return {"skipped": skipped, "untouched": equal(before, after), "skipped_steps": engine.skipped_steps,
+                "lr": sched.get_last_lr()[0], "final": snapshot(engine),
+                "finite": all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())}
+
+    out = {}
+    for stage in (0, 1, 2):
+        a = run(stage, "skip", sys.argv[1])
+        b = run(stage, "reference", sys.argv[1] + ".ref")
+        out[stage] = {"skipped": a["skipped"], "untouched": a["untouched"], "skipped_steps": a["skipped_steps"],
+                      "same_lr": a["lr"] == b["lr"], "same_next_step": equal(a["final"], b["final"]),
+                      "finite": a["finite"]}
+    c = run(0, "unguarded", sys.argv[1] + ".ctl")
+    out["control_untouched"] = c["untouched"]
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.timeout(300)
+def test_skip_policy_leaves_weights_and_optimizer_state_exactly_as_if_the_step_never_happened(tmp_path):
+    script = tmp_path / "skip_check.py"
+    script.write_text(SKIP_SCRIPT)
+    log = tmp_path / "m.jsonl"
+    res = subprocess.run([sys.executable, str(script), str(log)], cwd=ROOT, env=child_env(), capture_output=True,
+                         text=True, timeout=280, stdin=subprocess.DEVNULL)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, res.stdout[-2000:] + res.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    for stage in ("0", "1", "2"):
+        r = out[stage]
+        assert r["skipped"] == [False, True], (stage, r)  # skipped at the accumulation boundary
+        assert r["untouched"], f"ZeRO-{stage}: weights or optimizer state changed in a skipped step"
+        assert r["skipped_steps"] == 1 and r["same_lr"] and r["finite"], (stage, r)
+        # the next step equals a run that never saw the poisoned window: no stale gradients
+        assert r["same_next_step"], f"ZeRO-{stage}: the step after a skip differs from the reference"
+    assert out["control_untouched"] is False  # without the suppression the step would have moved the weights
+    warnings = [r for r in read_metrics(log) if "warning" in r]
+    assert len(warnings) == 3 and warnings[0]["step"] == 2 and "skipped on every rank" in warnings[0]["warning"]
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the real training loop with a NaN injected into one micro-batch
+
+
+TRAIN_WITH_NAN = textwrap.dedent('''
+    import sys
+    import ds_widenet.train as T
+
+    calls = {"n": 0}
+    orig = T.soft_cross_entropy
+
+    def poisoned(logits, targets):  # micro-batch 7 (step 4's first of 2) has a NaN loss
+        calls["n"] += 1
+        loss = orig(logits, targets)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    T.soft_cross_entropy = poisoned
+    sys.exit(T.main(sys.argv[1:]))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_short_run_logs_per_depth_routing_warns_and_skips_a_nan_step(tmp_path):
+    from ds_widenet.report import make_report
+
+    script = tmp_path / "train_with_nan.py"
+    script.write_text(TRAIN_WITH_NAN)
+    ds = write_ds_config(tmp_path / "ds.json", train_batch_size=64, train_micro_batch_size_per_gpu=32,
+                         zero_optimization={"stage": 0})
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(script), "--recipe", str(ROOT / "ds_configs" / "digits_widenet.yaml"),
+                          "--deepspeed_config", str(ds), "--out", str(out), "schedule.max_steps=20",
+                          "train.log_interval=5", "train.eval_interval=10", "model.moe.capacity_factor=0.1",
+                          "train.nan_policy=skip"],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parts = split_metrics(read_metrics(out / "metrics.jsonl"))
+    train, evals, warnings = parts["train"], parts["eval"], parts["warning"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for r in train:
+        assert math.isfinite(r["loss"])
+        assert len(r["expert_share"]) == 6 and all(len(row) == 4 for row in r["expert_share"])
+        assert all(abs(sum(row) - 1) < 1e-3 for row in r["expert_share"])
+        assert len(r["drop_rate"]) == 6 and all(d > 0.5 for d in r["drop_rate"])  # capacity factor 0.1
+        assert len(r["router_entropy"]) == 6 and all(0 < h <= math.log(4) + 1e-6 for h in r["router_entropy"])
+        assert len(r["aux_per_depth"]) == 6
+    assert [r["skipped_steps"] for r in train] == [1, 1, 1, 1]
+    texts = {w["step"]: w["warning"] for w in warnings}
+    assert "drop rate above 0.3" in texts[5]
+    assert "optimizer step 4 is skipped on every rank" in texts[4]
+    assert "warning: step 4: non-finite loss" in res.stderr
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:
+        assert len(r["eval_route_change"]) == 5 and all(0 <= v <= 1 for v in r["eval_route_change"])
+        assert len(r["eval_router_entropy"]) == 6
+    report = make_report(out).read_text()
+    assert "## How routing differs across depths (evaluation at step 20)" in report
+    assert "| 0 -> 1 |" in report and "## Warnings (2)" in report
+    assert "| optimizer steps skipped (non-finite loss) | 1 |" in report
+    for png in ("loss", "top1", "lr", "expert_load", "drop_rate", "router_entropy", "route_change"):
+        assert (out / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
