@@ -3,7 +3,8 @@
 Launchers and what they leave in the environment:
 * `deepspeed` / `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 * `mpirun` (Open MPI) / other MPI: OMPI_COMM_WORLD_* or PMI_*; rank discovery goes through
-  mpi4py (DeepSpeed's `mpi_discovery`, which also broadcasts rank 0's address).
+  mpi4py (`mpi_discovery` here: rank 0's MASTER_ADDR/MASTER_PORT if set, else its `hostname -I`
+  address and 29500, broadcast to every rank).
 * `srun` (SLURM): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST; the first host of
   the node list is the master unless MASTER_ADDR is set.
 * nothing: one process, a free local port.
@@ -37,36 +38,99 @@ def _free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[03-05,07],cpu1' -> 'gpu03' (no scontrol needed)."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM node list, without scontrol: 'gpu[03-05,07],cpu1' -> 'gpu03',
+    'node1' -> 'node1', 'a-[1-2]' -> 'a-1', 'rack[1-2]-n[01-04]' -> 'rack1-n01', 'n[1-2]-ib' -> 'n1-ib'.
+    Commas inside brackets separate ranges, not hosts; zero padding is kept."""
+    s = nodelist.strip()
+    depth, end = 0, len(s)
+    for i, c in enumerate(s):
+        depth += (c == "[") - (c == "]")
+        if depth < 0 or depth > 1:
+            break
+        if c == "," and depth == 0:
+            end = i
+            break
+    first = s[:end]
+    host = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), first)
+    if not first or not host or "[" in host or "]" in host or re.search(r"\[\s*[,\-\]]", first):
+        from .config import ConfigError
+
+        raise ConfigError(f"cannot parse SLURM_NODELIST={nodelist!r}: set MASTER_ADDR to the first node's address")
+    return host
+
+
+def _slurm_master_port(env: Mapping[str, str]) -> str:
+    """The same port on every rank of a job and different ports for jobs sharing a node."""
+    job = env.get("SLURM_JOB_ID", "0")
+    return str(DEFAULT_PORT + (int(job) % 1000 if job.isdigit() else 0))
 
 
 def discover_env(env: Optional[MutableMapping[str, str]] = None) -> str:
-    """Fill torch.distributed's env:// variables from the launcher's; returns the launcher name."""
+    """Fill torch.distributed's env:// variables from the launcher's; returns the launcher name.
+
+    * RANK and WORLD_SIZE set (deepspeed, torchrun, or by hand): "env", left as they are (LOCAL_RANK
+      defaults to 0, MASTER_ADDR/MASTER_PORT to 127.0.0.1:29500 as torch's own defaults).
+    * OMPI_COMM_WORLD_SIZE / PMI_SIZE: "mpi"; init_distributed fills the rest through mpi4py.
+    * SLURM_PROCID and SLURM_NTASKS (srun): "slurm"; MASTER_ADDR/MASTER_PORT are kept when set.
+    * nothing: "single", one process on a free local port.
+    """
     env = os.environ if env is None else env
-    required = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    if all(k in env for k in required):
+    if "RANK" in env and "WORLD_SIZE" in env:
         env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
         return "env"
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
-        return "mpi"  # deepspeed.init_distributed's mpi_discovery fills the rest through mpi4py
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "mpi"  # init_distributed -> mpi_discovery fills the rest through mpi4py
+    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
         env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]  # the step's, under salloc too
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))))
-        env.setdefault("MASTER_PORT", str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        if not env.get("MASTER_ADDR"):
+            nodes = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                     or "localhost")
+            env["MASTER_ADDR"] = first_slurm_host(nodes)
+        if not env.get("MASTER_PORT"):
+            env["MASTER_PORT"] = _slurm_master_port(env)
         return "slurm"
     env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(_free_port())
     return "single"
+
+
+def _host_address() -> str:
+    """This host's first address from `hostname -I` (what DeepSpeed's mpi_discovery uses)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def mpi_discovery(env: Optional[MutableMapping[str, str]] = None, comm=None) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK from MPI (mpi4py); MASTER_ADDR/MASTER_PORT decided on rank 0 and
+    broadcast, so every rank agrees: rank 0's MASTER_ADDR / MASTER_PORT when set (`mpirun -x
+    MASTER_PORT=29700 ...`), else its first `hostname -I` address and port 29500. DeepSpeed's own
+    mpi_discovery always overwrites both (port 29500), so two mpirun jobs on one node collide."""
+    env = os.environ if env is None else env
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    master = (env.get("MASTER_ADDR") or _host_address(), env.get("MASTER_PORT") or str(DEFAULT_PORT)) if rank == 0 else None
+    addr, port = comm.bcast(master, root=0)
+    local = env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID")
+    if local is None:  # ranks on the same host, counted in rank order
+        hosts = comm.allgather(socket.gethostname())
+        local = str(sum(h == hosts[rank] for h in hosts[:rank]))
+    env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                "MASTER_ADDR": str(addr), "MASTER_PORT": str(port)})
 
 
 @dataclass(frozen=True)
@@ -95,8 +159,10 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
         timeout_s = float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+    if launcher == "mpi" and not torch.distributed.is_initialized():
+        mpi_discovery()  # fills RANK..MASTER_PORT, so DeepSpeed's own discovery (port 29500) stays off
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launcher == "mpi",
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s), verbose=False)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()

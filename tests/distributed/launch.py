@@ -65,3 +65,31 @@ def metrics(out: Path, kind: str = "train") -> list[dict[str, Any]]:
 def last_line(text: str) -> Optional[str]:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else None
+
+
+def launch_all(cmds: dict[str, tuple[list[str], dict[str, str]]], logs: Path,
+               timeout: float = 300) -> dict[str, tuple[int, str]]:
+    """Start every command at once (name -> (argv, env)), each in its own process group with
+    stdout+stderr in logs/NAME.log, and wait for all; returns name -> (returncode, log text).
+    A command still running after `timeout` seconds has its whole process group killed (rc -9)."""
+    import signal
+    import time
+
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, (cmd, env) in cmds.items():
+        with open(logs / f"{name}.log", "w") as f:
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            codes[name] = p.wait()
+    return {name: (codes[name], (logs / f"{name}.log").read_text(errors="replace")) for name in cmds}

@@ -1,0 +1,207 @@
+"""Launcher discovery from the environment alone (no process group): srun/SLURM, torchrun/deepspeed,
+mpirun (rank discovery through a stand-in for mpi4py), and no launcher at all."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from ds_widenet import distributed
+from ds_widenet.config import ConfigError
+from ds_widenet.distributed import DEFAULT_PORT, discover_env, first_slurm_host, mpi_discovery
+
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_environ():
+    """os.environ without launcher variables for the test, restored exactly afterwards."""
+    saved = dict(os.environ)
+    for k in list(os.environ):
+        if k in DIST_KEYS or k.startswith(("SLURM_", "OMPI_", "PMI_")):
+            del os.environ[k]
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM node lists
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("gpu[03-05,07],cpu1", "gpu03"),
+    ("node1", "node1"),
+    ("a-[1-2]", "a-1"),
+    ("cpu1,gpu[03-05]", "cpu1"),
+    ("gpu[003]", "gpu003"),          # zero padding kept
+    ("gpu[07,03-05]", "gpu07"),      # the first listed, as srun places task 0
+    ("n[1-2]-ib", "n1-ib"),          # a suffix after the range
+    ("rack[1-2]-n[01-04]", "rack1-n01"),
+    ("  node7  ", "node7"),
+    ("node-1.cluster.local,node-2.cluster.local", "node-1.cluster.local"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[03-05", "gpu[]", "gpu[,1]", "gpu]1["])
+def test_an_unparsable_node_list_is_one_line_naming_master_addr(nodelist):
+    with pytest.raises(ConfigError) as e:
+        first_slurm_host(nodelist)
+    assert "\n" not in str(e.value) and "MASTER_ADDR" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# srun
+
+
+def slurm(procid: int, ntasks: int = 8, localid: int = 0, nodelist: str = "gpu[03-05,07],cpu1", **extra) -> dict:
+    return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks), "SLURM_LOCALID": str(localid),
+            "SLURM_NODELIST": nodelist, "SLURM_JOB_ID": "4242", **extra}
+
+
+def test_srun_variables_give_rank_world_local_rank_and_the_first_node_as_master():
+    env = slurm(5, ntasks=8, localid=1)
+    assert discover_env(env) == "slurm"
+    assert {k: env[k] for k in DIST_KEYS} == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                             "MASTER_ADDR": "gpu03", "MASTER_PORT": str(DEFAULT_PORT + 242)}
+
+
+def test_every_srun_task_agrees_on_the_master():
+    envs = [slurm(r, ntasks=4, localid=r % 2, nodelist="a-[1-2]") for r in range(4)]
+    for env in envs:
+        discover_env(env)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("a-1", str(DEFAULT_PORT + 242))}
+
+
+def test_srun_keeps_a_master_addr_and_port_the_batch_script_exported():
+    env = slurm(1, MASTER_ADDR="10.0.0.7", MASTER_PORT="31000")
+    assert discover_env(env) == "slurm"
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "31000")
+
+
+def test_srun_step_variables_win_over_the_allocation_ones():
+    """`srun -n 2` inside `salloc -n 8`: the step's task count and node list."""
+    env = slurm(1, ntasks=8, nodelist="node[1-4]", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="node[3-4]")
+    discover_env(env)
+    assert (env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("2", "node3")
+
+
+def test_srun_without_localid_nodelist_or_job_id_still_starts():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node9"}
+    assert discover_env(env) == "slurm"
+    assert {k: env[k] for k in DIST_KEYS} == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                             "MASTER_ADDR": "node9", "MASTER_PORT": str(DEFAULT_PORT)}
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun / deepspeed, mpirun, nothing
+
+
+def test_torchrun_style_env_is_left_alone_even_under_srun_or_mpirun():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "node1", "MASTER_PORT": "29400",
+                "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "0"}
+    for extra in ({}, slurm(0, ntasks=2), {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}):
+        env = {**extra, **torchrun}
+        before = dict(env)
+        assert discover_env(env) == "env"
+        assert env == before
+
+
+def test_rank_and_world_size_alone_are_not_turned_into_a_single_process():
+    env = {"RANK": "1", "WORLD_SIZE": "2"}
+    assert discover_env(env) == "env"
+    assert {k: env[k] for k in DIST_KEYS} == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(DEFAULT_PORT)}
+
+
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_mpi_is_recognised_and_left_to_mpi_discovery(var):
+    env = {var: "2", "MASTER_PORT": "29777"}
+    assert discover_env(env) == "mpi"
+    assert env == {var: "2", "MASTER_PORT": "29777"}
+
+
+def test_no_launcher_is_one_process_on_a_free_port():
+    env: dict = {}
+    assert discover_env(env) == "single"
+    assert {k: env[k] for k in DIST_KEYS[:4]} == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                                 "MASTER_ADDR": "127.0.0.1"}
+    port = int(env["MASTER_PORT"])
+    with socket.socket() as s:  # free: it can be bound
+        s.bind(("127.0.0.1", port))
+
+
+def test_no_launcher_keeps_an_explicit_master_port():
+    env = {"MASTER_PORT": "31234"}
+    discover_env(env)
+    assert env["MASTER_PORT"] == "31234" and env["WORLD_SIZE"] == "1"
+
+
+def test_discover_env_defaults_to_os_environ(clean_environ):
+    clean_environ.update(slurm(2, ntasks=4, localid=0, nodelist="node[1-2]"))
+    assert discover_env() == "slurm"
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("2", "4", "node1")
+
+
+# --------------------------------------------------------------------------------------------
+# mpi_discovery (mpi4py replaced by a recording stand-in; the real one runs in test_launchers.py)
+
+
+class FakeWorld:
+    """COMM_WORLD for `size` ranks called one after another, rank 0 first (bcast/allgather replay)."""
+
+    def __init__(self, size: int, hosts: list[str]):
+        self.size, self.hosts, self.root = size, hosts, None
+
+    def comm(self, rank: int):
+        world = self
+
+        class Comm:
+            def Get_rank(self):
+                return rank
+
+            def Get_size(self):
+                return world.size
+
+            def bcast(self, obj, root=0):
+                if rank == root:
+                    world.root = obj
+                return world.root
+
+            def allgather(self, obj):
+                assert obj == socket.gethostname()
+                return list(world.hosts)
+
+        return Comm()
+
+
+def test_mpi_ranks_take_rank_zeros_master_addr_and_port(monkeypatch):
+    """mpirun -x MASTER_PORT on rank 0's node only (a remote rank without it still agrees)."""
+    monkeypatch.setattr(distributed, "_host_address", lambda: pytest.fail("MASTER_ADDR was set"))
+    world = FakeWorld(2, [socket.gethostname()] * 2)
+    env0 = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29777"}
+    env1 = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    mpi_discovery(env0, world.comm(0))
+    mpi_discovery(env1, world.comm(1))
+    for rank, env in enumerate((env0, env1)):
+        assert {k: env[k] for k in DIST_KEYS} == {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29777"}
+        assert discover_env(env) == "env"  # complete now: DeepSpeed's own discovery stays off
+
+
+def test_mpi_without_master_uses_rank_zeros_address_and_counts_local_ranks_per_host(monkeypatch):
+    monkeypatch.setattr(distributed, "_host_address", lambda: "10.1.2.3")
+    me = socket.gethostname()
+    world = FakeWorld(4, [me, me, me + "-other", me])
+    envs = [{"PMI_SIZE": "4"} for _ in range(4)]
+    for rank, env in enumerate(envs):
+        mpi_discovery(env, world.comm(rank))
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "2"]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("10.1.2.3", str(DEFAULT_PORT))}
