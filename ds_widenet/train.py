@@ -366,7 +366,8 @@ def train(plan: Plan) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     select_accelerator()
     args = parse_args(argv)
-    rank0 = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))) == "0"
+    rank0 = "0" == next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+                         if k in os.environ), "0")
     try:
         plan = plan_run(args)
         final = train(plan)

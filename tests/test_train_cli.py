@@ -82,7 +82,8 @@ def test_short_digits_training_learns_and_keeps_every_expert_busy(tmp_path):
     for key in ("step", "loss", "aux_loss", "lr", "images_per_sec"):
         assert key in train_rows[0]
     assert (out / "recipe.json").exists() and (out / "ds_config.json").exists()
-    assert (out / "checkpoints" / "step264" / "recipe.json").exists()
+    assert (out / "checkpoints" / "step264" / "complete").exists()
+    assert (out / "checkpoints" / "step264" / "meta.json").exists()
 
 
 def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
