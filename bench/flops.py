@@ -1,0 +1,204 @@
+"""FLOPs, parameters and activation memory of WideNet / ViT / ViT-MoE, from a ModelConfig alone.
+
+FLOP formula (one multiply-add = 2 FLOPs). B images per micro-batch, N patches per image, T tokens
+per image (N, +1 with a CLS token), S = B*T tokens, d = embed_dim, h = mlp_dim, h_e = expert_dim,
+E experts, k routes per token, P = in_chans * patch^2 pixels per patch, c = classes.
+
+Forward, per micro-batch, in multiply-adds (MACs):
+    patch embed   B*N * P * d                       (the stride-p conv is a [B*N, P] x [P, d] matmul)
+    attention     per block:  qkv 3*S*d^2  +  QK^T S*T*d  +  AV S*T*d  +  proj S*d^2
+                  (QK^T and AV summed over heads: heads * T*T*(d/heads) = T*T*d per image)
+    dense FFN     per dense block:  2*S*d*h
+    MoE FFN       per MoE call:  router S*d*E  +  experts k*S*2*d*h_e      (k experts per token)
+    head          B*d*c  (+ B*d^2 with pre_logits)
+    WideNet: L attention calls + L MoE calls (shared weights, counted per call);
+    ViT: L blocks with dense FFN; ViT-MoE: L-n dense + n MoE blocks (n = moe_last_n).
+
+Training step = forward + backward. The backward of a matmul is 2 matmuls of the same size (input
+gradient and weight gradient), so 2x forward, for every layer except the patch embedding, whose
+input (the images) needs no gradient: only its weight gradient, 1x. Hence
+    train FLOPs = 2 * (3 * MACs_fwd - MACs_embed)
+This "model" count is what utilization (MFU) is computed from.
+
+"Executed" FLOPs count what DeepSpeed's MoE really multiplies: the experts run on E*C capacity slots,
+C = max(ceil(k*S/E * cf), min_capacity) (`drop_tokens=True`; S = tokens of the rank's micro-batch),
+empty slots included. With the paper's cf = 1.2 the experts do ~1.2x the activated work; the
+step-time comparison against a dense FFN of width k*h_e has to pay that. (With drop_tokens=False the
+capacity is data dependent; k*S is used.) `torch.utils.flop_counter.FlopCounterMode` agrees with the
+executed count exactly when attention runs as explicit matmuls (tests/test_bench.py).
+
+Not counted (not matmuls, O(S*d) or O(params)): softmax, LayerNorm, GELU, biases, residual adds,
+dropout, the router's softmax/top-k/cumsum, dispatch/combine copies, the loss, the optimizer step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ds_widenet.config import ModelConfig
+
+
+def tokens_per_image(cfg: ModelConfig) -> int:
+    return cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+
+
+def moe_calls(cfg: ModelConfig) -> int:
+    """MoE layer calls per forward (= all-to-all pairs per forward with ep_size > 1)."""
+    if cfg.arch == "widenet":
+        return cfg.depth
+    if cfg.arch == "vit_moe":
+        return cfg.moe_last_n
+    return 0
+
+
+def dense_ffn_calls(cfg: ModelConfig) -> int:
+    return cfg.depth - moe_calls(cfg)
+
+
+def capacity(cfg: ModelConfig, tokens: int) -> int:
+    """Slots per expert for `tokens` tokens on one rank (drop_tokens=True), as the gates compute it."""
+    moe = cfg.moe
+    assert moe is not None
+    if not moe.drop_tokens:
+        return math.ceil(moe.k * tokens / moe.num_experts)
+    if moe.router == "paper":  # routing.paper_routing
+        c = math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k)
+    else:  # deepspeed.moe.sharded_moe._capacity: float32 (S/E) * (cf*k), ceil
+        import torch
+
+        c = int(torch.ceil(torch.tensor(tokens / moe.num_experts) * torch.tensor(moe.capacity_factor * moe.k)))
+    return max(c, moe.min_capacity)
+
+
+@dataclass
+class LayerCost:
+    """One kind of layer: forward MACs per call (activated and executed) and calls per forward."""
+
+    name: str
+    calls: int
+    fwd_macs: int  # activated (k experts per token)
+    fwd_macs_executed: int  # experts on all E*C capacity slots
+    bwd_factor: int = 2  # backward MACs = bwd_factor * forward MACs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "calls": self.calls, "fwd_flops_per_call": 2 * self.fwd_macs,
+                "fwd_flops_executed_per_call": 2 * self.fwd_macs_executed, "bwd_factor": self.bwd_factor,
+                "train_flops": 2 * self.fwd_macs * (1 + self.bwd_factor) * self.calls,
+                "train_flops_executed": 2 * self.fwd_macs_executed * (1 + self.bwd_factor) * self.calls}
+
+
+def layer_costs(cfg: ModelConfig, batch: int) -> list[LayerCost]:
+    """Per-layer forward costs of one micro-batch of `batch` images (see the module doc)."""
+    d, t, n = cfg.embed_dim, tokens_per_image(cfg), cfg.num_patches
+    s = batch * t
+    pix = cfg.in_chans * cfg.patch_size ** 2
+    out = [LayerCost("patch_embed", 1, batch * n * pix * d, batch * n * pix * d, bwd_factor=1)]
+    attn = 3 * s * d * d + 2 * s * t * d + s * d * d
+    out.append(LayerCost("attention", cfg.depth, attn, attn))
+    if dense_ffn_calls(cfg):
+        ffn = 2 * s * d * cfg.mlp_dim
+        out.append(LayerCost("dense_ffn", dense_ffn_calls(cfg), ffn, ffn))
+    if moe_calls(cfg):
+        moe = cfg.moe
+        assert moe is not None
+        router = s * d * moe.num_experts
+        out.append(LayerCost("moe_router", moe_calls(cfg), router, router))
+        act = moe.k * s * 2 * d * moe.expert_dim
+        exe = moe.num_experts * capacity(cfg, s) * 2 * d * moe.expert_dim
+        out.append(LayerCost("moe_experts", moe_calls(cfg), act, exe))
+    head = batch * d * cfg.num_classes + (batch * d * d if cfg.pre_logits else 0)
+    out.append(LayerCost("head", 1, head, head))
+    return out
+
+
+def step_flops(cfg: ModelConfig, batch: int) -> dict[str, Any]:
+    """FLOPs of one training step (forward + backward) of `batch` images, and of the forward."""
+    layers = layer_costs(cfg, batch)
+    fwd = sum(2 * lc.fwd_macs * lc.calls for lc in layers)
+    fwd_exe = sum(2 * lc.fwd_macs_executed * lc.calls for lc in layers)
+    train = sum(2 * lc.fwd_macs * (1 + lc.bwd_factor) * lc.calls for lc in layers)
+    train_exe = sum(2 * lc.fwd_macs_executed * (1 + lc.bwd_factor) * lc.calls for lc in layers)
+    return {"forward": fwd, "forward_executed": fwd_exe, "train": train, "train_executed": train_exe,
+            "train_per_image": train / batch, "tokens_per_image": tokens_per_image(cfg),
+            "layers": [lc.as_dict() for lc in layers]}
+
+
+def param_split(cfg: ModelConfig) -> dict[str, int]:
+    """Unique parameters: non-expert (replicated on every rank) and expert (all experts, split over
+    ep_size ranks). Built on the meta device: no memory, exact."""
+    from ds_widenet.models import build_model
+
+    model = build_model(cfg, device="meta")
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "expert": expert, "non_expert": total - expert}
+
+
+def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: bool = False) -> dict[str, float]:
+    """Tensors saved for backward, per token, without activation checkpointing, split into elements
+    of the model dtype (`act`) and of fp32 (`fp32`: LayerNorm statistics, attention log-sum-exp, the
+    router, which computes in fp32). Counted op by op and calibrated against
+    torch.autograd.graph.saved_tensors_hooks on the CPU (fp32, SDPA attention; see
+    `measure_saved_bytes` and tests/test_bench.py). Per block:
+        attention   6d (LN in/out, qkv, proj in) + heads (lse, fp32) + 2 (LN stats, fp32)
+        dense FFN   2d (LN in/out) + 2h (fc1 out, GELU out) + 2 (LN stats, fp32)
+        MoE FFN     2d + (E*C/S)*(d + 2h_e) (expert fc1 in/out, GELU out over capacity slots)
+                    + k*d (routed outputs in the combine) + 5E + 2 (router, LN stats: fp32)
+                    + d/2 fp32 when the model is bf16/fp16 (the router's fp32 copy of its input,
+                    net of the 16-bit tensors it stands in for; measured)
+        dropout p>0 d per dropout site (2 per block, 1 at the embedding)
+        embedding and head   P + d + 10
+    """
+    d, t = cfg.embed_dim, tokens_per_image(cfg)
+    s = batch * t
+    pix = cfg.in_chans * cfg.patch_size ** 2
+    act = float(pix + d)
+    f32 = 10.0
+    act += 6 * d * cfg.depth
+    f32 += (cfg.num_heads + 2) * cfg.depth
+    nd, nm = dense_ffn_calls(cfg), moe_calls(cfg)
+    act += (2 * d + 2 * cfg.mlp_dim) * nd
+    f32 += 2 * nd
+    if nm:
+        moe = cfg.moe
+        assert moe is not None
+        slots = moe.num_experts * capacity(cfg, s) / s
+        act += (2 * d + slots * (d + 2 * moe.expert_dim) + moe.k * d) * nm
+        f32 += (5 * moe.num_experts + 2 + (d / 2 if low_precision else 0)) * nm
+    if cfg.dropout > 0:
+        act += d * (2 * cfg.depth + 1)
+    return {"act": act, "fp32": f32}
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int = 4, grad_ckpt: bool = False) -> float:
+    """Estimated bytes saved for backward by one micro-batch. With activation checkpointing per
+    depth, only each block's input (d per token) is kept, plus one block recomputed at a time."""
+    t = tokens_per_image(cfg)
+    per = activation_elements_per_token(cfg, batch, low_precision=dtype_bytes < 4)
+    full = batch * t * (per["act"] * dtype_bytes + per["fp32"] * 4)
+    if not grad_ckpt:
+        return full
+    one_block = (full - batch * t * (cfg.in_chans * cfg.patch_size ** 2 + cfg.embed_dim + 10) * dtype_bytes) / cfg.depth
+    return batch * t * cfg.embed_dim * dtype_bytes * (cfg.depth + 1) + one_block
+
+
+def measure_saved_bytes(model: Any, images: Any) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(images)
+    del out
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
