@@ -426,3 +426,27 @@ def split_metrics(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
                 seq.pop()
         seq.append(row)
     return out
+
+
+def route_digest(routing: Sequence[RoutingStats], sample_ids: torch.Tensor) -> torch.Tensor:
+    """One int64 per depth that identifies every token's expert choices: the sum over (sample,
+    token, choice) of (expert + 2) x a 20-bit hash of (global sample id, token, choice). Sums are
+    order-free, so all-reducing the micro-steps of all ranks gives the same digest for the same
+    choices on any layout (the equivalence tests compare it step by step)."""
+    from . import rng
+
+    out = []
+    for r in routing:
+        k, b, t = r.expert_index.shape
+        ids = sample_ids.reshape(1, b, 1).to(torch.int64).cpu()
+        choice = torch.arange(k, dtype=torch.int64).reshape(k, 1, 1)
+        token = torch.arange(t, dtype=torch.int64).reshape(1, 1, t)
+        h = rng.hash_keys([0xD16E57, ids, choice, token], (k, b, t)) & 0xFFFFF
+        out.append(((r.expert_index.cpu().to(torch.int64) + 2) * h).sum())
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def all_reduce_sum_int(t: torch.Tensor) -> list[int]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]

@@ -92,8 +92,11 @@ def project_clips(plan: Plan) -> bool:
     """ZeRO-0 with expert parallelism: the project clips by the true global norm itself, since
     DeepSpeed's ZeRO-0 clipping averages per-rank norms although ranks hold different experts
     (DeepSpeed #8475). ZeRO 1/2 compute the global norm correctly and keep DeepSpeed's clipping."""
+    from .testing import negative_control
+
     stage = int((plan.ds_config.get("zero_optimization") or {}).get("stage", 0))
-    return stage == 0 and plan.recipe.parallel.ep_size > 1 and float(plan.ds_config.get("gradient_clipping", 0)) > 0
+    return (stage == 0 and plan.recipe.parallel.ep_size > 1 and float(plan.ds_config.get("gradient_clipping", 0)) > 0
+            and negative_control() != "clip_avg")
 
 
 def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
@@ -203,7 +206,9 @@ def attach_zero_lamb(engine) -> None:
     basic = getattr(engine, "basic_optimizer", None)
     if not isinstance(basic, Lamb) or engine.zero_optimization_stage() == 0:
         return
-    if os.environ.get("DS_WIDENET_NEGATIVE_CONTROL") == "lamb_per_partition":
+    from .testing import negative_control
+
+    if negative_control() == "lamb_per_partition":
         return  # tests only: the broken per-partition LAMB, to show the equivalence test catches it
     if not hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
         raise ConfigError(f"optim.name=lamb cannot read {type(engine.optimizer).__name__}'s partition layout: use ZeRO stage 2 "
@@ -218,7 +223,8 @@ def train(plan: Plan) -> dict[str, Any]:
 
     from .data import EvalSampler, GlobalBatchSampler, build_datasets, build_loader, mixup
     from .distributed import init_distributed
-    from .metrics import MetricsLog, NonFiniteGuard, RoutingAccumulator, RoutingWatch, all_reduce_mean, routing_fields
+    from .metrics import (MetricsLog, NonFiniteGuard, RoutingAccumulator, RoutingWatch, all_reduce_mean,
+                          all_reduce_sum_int, route_digest, routing_fields)
     from .models import build_model
     from .optim import build_optimizer, build_scheduler, clip_grad_norm_global_, global_grad_norm, param_groups
     from . import rng
@@ -276,6 +282,9 @@ def train(plan: Plan) -> dict[str, Any]:
                 print(f"ds_widenet: {notice}", file=sys.stderr)
     eval_every = recipe.train.eval_interval or steps_per_epoch
     clip_norm = float(plan.ds_config.get("gradient_clipping", 0)) if project_clips(plan) else 0.0
+    from .testing import negative_control
+
+    scale_expert_grads = negative_control() == "expert_grad_scale"
     aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
 
     bar = None
@@ -287,6 +296,8 @@ def train(plan: Plan) -> dict[str, Any]:
     step, micro = start_step, 0
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
     routing = RoutingAccumulator()
+    n_moe = {"widenet": recipe.model.depth, "vit_moe": recipe.model.moe_last_n}.get(recipe.model.arch, 0)
+    digest = torch.zeros(n_moe, dtype=torch.int64)
     final: dict[str, Any] = {}
     train_start = time.time()
     for images, labels, idx in train_loader:
@@ -305,6 +316,10 @@ def train(plan: Plan) -> dict[str, Any]:
         boundary = (micro + 1) % layout.grad_accum == 0
         log_now = boundary and ((step + 1) % recipe.train.log_interval == 0 or step + 1 == total_steps)
         grad_norm = None
+        if boundary and scale_expert_grads:  # negative control only (ds_widenet.testing)
+            for p in engine.module.parameters():
+                if getattr(p, "allreduce", True) is False and p.grad is not None:
+                    p.grad.mul_(ep)
         if clip_norm and boundary:  # gradients are all-reduced at the boundary
             grad_norm = float(clip_grad_norm_global_(engine.module, clip_norm))
         elif log_now and run_layout["zero_stage"] == 0:
@@ -318,6 +333,7 @@ def train(plan: Plan) -> dict[str, Any]:
             window["n"] += 1
             window["images"] += images.shape[0]
             routing.add(out.routing)
+            digest = digest + route_digest(out.routing, idx)
         micro += 1
         if micro % layout.grad_accum:
             continue
@@ -335,12 +351,14 @@ def train(plan: Plan) -> dict[str, Any]:
                 rec["loss"] = rec["aux_loss"] = None
             r = routing.reduce()
             rec.update({**routing_fields(r), "skipped_steps": guard.skipped})  # per-depth routing (metrics.py)
+            rec["route_digest"] = all_reduce_sum_int(digest)
             log.write(rec)
             watch.update(step, r)  # routing warnings
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{rec['lr']:.2e}")
             window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
             routing = RoutingAccumulator()
+            digest = torch.zeros(n_moe, dtype=torch.int64)
         maybe_fault("train", step, info.rank)
         every = recipe.checkpoint.every_steps
         if every and step % every == 0 and step < total_steps:

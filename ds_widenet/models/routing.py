@@ -28,6 +28,9 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import Tensor
 
 from .. import rng
+from ..testing import negative_control
+
+_NOISE_PER_RANK = negative_control() == "noise_per_rank"
 
 
 @dataclass
@@ -95,6 +98,8 @@ class PaperGate(TopKGate):
 
 def _router_noise(shape: torch.Size, depth: int, key: Optional[RouteKey], device: torch.device) -> Tensor:
     tokens, experts = shape
+    if _NOISE_PER_RANK:  # negative control only (ds_widenet.testing): a rank-local generator
+        return torch.randn(tokens, experts, device=device)
     if key is None:  # no key from the caller (a bare forward): sample ids 0..B-1 with B=1
         return rng.keyed_normal([0, 0, depth, rng.SITE_ROUTER], (tokens, experts), 2, device)
     ids = key.sample_ids.to(device)
