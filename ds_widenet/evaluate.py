@@ -22,39 +22,19 @@ def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batc
 
     from .checkpoint import load_exported
     from .data import EvalSampler, build_datasets, build_loader
+    from .metrics import evaluate_loader
 
     overrides = {"moe": {"eval_capacity_factor": eval_capacity_factor}} if eval_capacity_factor else None
     model = load_exported(weights, device, overrides)
     _, test = build_datasets(data, model.cfg, seed=0)
     loader = build_loader(test, EvalSampler(len(test), batch, 1, 0), data.num_workers)
-    correct = count = 0
-    loss = 0.0
-    tokens = dropped = changed = pairs = None
-    with torch.no_grad():
-        for images, labels, idx in loader:
-            valid = idx >= 0
-            out = model(images.to(device), valid=valid.to(device))
-            logits = out.logits.float().cpu()
-            correct += int((logits.argmax(-1)[valid] == labels[valid]).sum())
-            count += int(valid.sum())
-            loss += float(torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum"))
-            if out.routing:
-                t = torch.stack([r.expert_tokens.cpu() for r in out.routing])
-                d = torch.stack([r.dropped.cpu() for r in out.routing])
-                tokens = t if tokens is None else tokens + t
-                dropped = d if dropped is None else dropped + d
-                # a token's top-k set at depth i vs depth i+1 (routing only meaningful for WideNet's shared router)
-                sets = [torch.sort(r.expert_index.cpu(), dim=0).values[:, valid] for r in out.routing]
-                ch = torch.tensor([float((a != b).any(0).float().mean()) for a, b in zip(sets, sets[1:])])
-                changed = ch if changed is None else changed + ch
-                pairs = 1 if pairs is None else pairs + 1
-    result: dict[str, Any] = {"weights": str(weights), "top1": correct / count, "eval_loss": loss / count, "images": count}
-    if tokens is not None:
-        share = tokens / tokens.sum(1, keepdim=True)
-        result["expert_share_per_depth"] = [[round(v, 4) for v in row] for row in share.tolist()]
-        result["drop_rate_per_depth"] = [round(v, 4) for v in (dropped / pairs).tolist()]
-        if changed is not None and len(changed):
-            result["experts_changed_next_depth"] = [round(v, 4) for v in (changed / pairs).tolist()]
+    r = evaluate_loader(model, loader, device, torch.float32)
+    result: dict[str, Any] = {"weights": str(weights), "top1": r["top1"], "eval_loss": r["eval_loss"],
+                              "images": r["eval_images"]}
+    if "eval_expert_share_per_depth" in r:
+        result["expert_share_per_depth"] = r["eval_expert_share_per_depth"]
+        result["drop_rate_per_depth"] = r["eval_drop_rate"]
+        result["experts_changed_next_depth"] = r["eval_route_change"]
     return result
 
 
@@ -88,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"top-1 {result['top1']:.4f} on {result['images']} images ({args.data}), loss {result['eval_loss']:.4f}")
     for i, share in enumerate(result.get("expert_share_per_depth", [])):
         chg = result.get("experts_changed_next_depth", [])
-        nxt = f"  experts change at next depth: {chg[i]:.1%}" if i < len(chg) else ""
+        nxt = f"  experts change at next depth: {chg[i]:.1%}" if i < len(chg) and chg[i] is not None else ""
         print(f"depth {i}: expert share {share}  dropped {result['drop_rate_per_depth'][i]:.2%}{nxt}")
     return 0
 

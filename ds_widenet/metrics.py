@@ -74,9 +74,12 @@ def route_changes(routing: Sequence[RoutingStats]) -> tuple[torch.Tensor, torch.
 
 
 class RoutingAccumulator:
-    """Sums per-depth routing statistics over micro-steps; `reduce()` sums them over all ranks."""
+    """Sums per-depth routing statistics over micro-steps; `reduce()` sums them over all ranks.
+    `route_change=True` also compares consecutive depths' expert choices (a sort per depth pair:
+    evaluation only, kept off the training hot path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, route_change: bool = False) -> None:
+        self.track_changes = route_change
         self.tokens: Optional[torch.Tensor] = None  # [depth, E] routes processed
         self.dropped: Optional[torch.Tensor] = None  # [depth] sum of drop fractions x used tokens
         self.entropy: Optional[torch.Tensor] = None  # [depth] sum of mean entropies x used tokens
@@ -93,7 +96,10 @@ class RoutingAccumulator:
         dev = routing[0].expert_tokens.device
         one, nan = torch.ones((), device=dev), torch.full((), float("nan"), device=dev)
         w = torch.stack([r.num_tokens.float() if r.num_tokens is not None else one for r in routing])
-        changed, compared = route_changes(routing)
+        if self.track_changes:
+            changed, compared = route_changes(routing)
+        else:
+            changed = compared = torch.zeros(max(d - 1, 0), device=dev)
         parts = [torch.stack([r.expert_tokens.float() for r in routing]).flatten(),
                  torch.stack([r.dropped.float() for r in routing]) * w,
                  torch.stack([r.entropy.float() if r.entropy is not None else nan for r in routing]) * w,
@@ -450,3 +456,31 @@ def all_reduce_sum_int(t: torch.Tensor) -> list[int]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return [int(v) for v in t.tolist()]
+
+
+@torch.no_grad()
+def evaluate_loader(forward: Any, loader: Any, device: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Top-1, loss and routing over a padded evaluation loader (index -1 = padding: masked out of
+    routing and of the counts, so every real sample counts once on any world size). `forward` is a
+    DeepSpeed engine or a plain model in eval mode; counts are summed over ranks when distributed."""
+    routing = RoutingAccumulator(route_change=True)
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
+    for images, labels, idx in loader:
+        valid = idx >= 0
+        out = forward(images.to(device, dtype), sample_ids=idx.clamp(min=0).to(device), valid=valid.to(device))
+        logits = out.logits.float().cpu()
+        sums[0] += (logits.argmax(-1)[valid] == labels[valid]).sum()
+        sums[1] += valid.sum()
+        sums[2] += torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
+        routing.add(out.routing)
+    if _dist_world() > 1:
+        dist.all_reduce(sums)
+    result: dict[str, Any] = {"top1": float(sums[0] / sums[1]), "eval_loss": float(sums[2] / sums[1]),
+                              "eval_images": int(sums[1])}
+    r = routing.reduce()
+    if r is not None:
+        result.update({"eval_min_expert_share": r["min_expert_share"], "eval_expert_share": r["expert_share_overall"],
+                       "eval_expert_share_per_depth": r["expert_share"], "eval_drop_rate": r["drop_rate"],
+                       "eval_router_entropy": r["router_entropy"], "eval_route_change": r["route_change"]})
+    return result
+

@@ -130,37 +130,15 @@ def soft_cross_entropy(logits, targets):
     return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def evaluate(engine, loader, dtype, device, num_classes: int) -> dict[str, Any]:
-    """Exact top-1 over the whole test set under any world size: padding samples (index -1) are
-    masked out of routing (PaperGate) and out of the counts; every real sample counts once."""
-    import torch
-    import torch.distributed as dist
-
-    from .metrics import RoutingAccumulator
+def evaluate(engine, loader, dtype, device) -> dict[str, Any]:
+    """Exact top-1 over the whole test set under any world size (metrics.evaluate_loader)."""
+    from .metrics import evaluate_loader
 
     engine.eval()
-    routing = RoutingAccumulator()
-    sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
-    with torch.no_grad():
-        for images, labels, idx in loader:
-            valid = idx >= 0
-            out = engine(images.to(device, dtype), sample_ids=idx.clamp(min=0).to(device), valid=valid.to(device))
-            logits = out.logits.float().cpu()
-            v = valid.cpu()
-            sums[0] += (logits.argmax(-1)[v] == labels[v]).sum()
-            sums[1] += v.sum()
-            sums[2] += torch.nn.functional.cross_entropy(logits[v], labels[v], reduction="sum")
-            routing.add(out.routing)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    engine.train()
-    result = {"top1": float(sums[0] / sums[1]), "eval_loss": float(sums[2] / sums[1]), "eval_images": int(sums[1])}
-    r = routing.reduce()
-    if r is not None:
-        result.update({"eval_min_expert_share": r["min_expert_share"], "eval_expert_share": r["expert_share_overall"],
-                       "eval_drop_rate": r["drop_rate"], "eval_router_entropy": r["router_entropy"],
-                       "eval_route_change": r["route_change"]})
-    return result
+    try:
+        return evaluate_loader(engine, loader, device, dtype)
+    finally:
+        engine.train()
 
 
 def initialise_from_export(model, path: Path, recipe: Recipe, ep_size: int, ep_rank: int) -> str:
@@ -296,8 +274,7 @@ def train(plan: Plan) -> dict[str, Any]:
     step, micro = start_step, 0
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
     routing = RoutingAccumulator()
-    n_moe = {"widenet": recipe.model.depth, "vit_moe": recipe.model.moe_last_n}.get(recipe.model.arch, 0)
-    digest = torch.zeros(n_moe, dtype=torch.int64)
+    digest = None  # [MoE calls] int64, summed over the log window
     final: dict[str, Any] = {}
     train_start = time.time()
     for images, labels, idx in train_loader:
@@ -333,7 +310,8 @@ def train(plan: Plan) -> dict[str, Any]:
             window["n"] += 1
             window["images"] += images.shape[0]
             routing.add(out.routing)
-            digest = digest + route_digest(out.routing, idx)
+            d = route_digest(out.routing, idx)
+            digest = d if digest is None else digest + d
         micro += 1
         if micro % layout.grad_accum:
             continue
@@ -351,20 +329,21 @@ def train(plan: Plan) -> dict[str, Any]:
                 rec["loss"] = rec["aux_loss"] = None
             r = routing.reduce()
             rec.update({**routing_fields(r), "skipped_steps": guard.skipped})  # per-depth routing (metrics.py)
-            rec["route_digest"] = all_reduce_sum_int(digest)
+            if digest is not None:
+                rec["route_digest"] = all_reduce_sum_int(digest)
             log.write(rec)
             watch.update(step, r)  # routing warnings
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{rec['lr']:.2e}")
             window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
             routing = RoutingAccumulator()
-            digest = torch.zeros(n_moe, dtype=torch.int64)
+            digest = None
         maybe_fault("train", step, info.rank)
         every = recipe.checkpoint.every_steps
         if every and step % every == 0 and step < total_steps:
             save_checkpoint(engine, plan.out, recipe, step, run_layout, recipe.checkpoint.keep_last)
         if step % eval_every == 0 or step == total_steps:
-            result = evaluate(engine, eval_loader, dtype, device, recipe.model.num_classes)
+            result = evaluate(engine, eval_loader, dtype, device)
             final = {"step": step, "epoch": round(step / steps_per_epoch, 3), **result,
                      "train_seconds": round(time.time() - train_start, 1)}
             log.write(final, prefix="Eval")

@@ -54,7 +54,7 @@ def constant_router(model, prefs_per_depth: list[list[float]]) -> None:
 
 def summary_of(model, n_calls: int = 2, train: bool = True) -> dict:
     model.train(train)
-    acc = RoutingAccumulator()
+    acc = RoutingAccumulator(route_change=True)
     with torch.no_grad():
         for i in range(n_calls):
             acc.add(model(images(seed=i), step=i).routing)
@@ -120,7 +120,7 @@ def test_route_change_counts_tokens_whose_top_k_set_differs_and_leaves_out_dropp
     d2 = fake_stats([[[1, 2, 0, 0, 3]], [[0, 1, 1, 1, 2]]])
     changed, compared = route_changes([d0, d1, d2])
     assert changed.tolist() == [2.0, 0.0] and compared.tolist() == [3.0, 4.0]
-    acc = RoutingAccumulator()
+    acc = RoutingAccumulator(route_change=True)  # evaluation's accumulator
     acc.add([d0, d1, d2])
     assert acc.reduce()["route_change"] == [pytest.approx(2 / 3, abs=1e-4), 0.0]
 
@@ -268,7 +268,7 @@ def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    acc = RoutingAccumulator()
+    acc = RoutingAccumulator(route_change=True)
     # rank 0: every route to experts 0/1, nothing dropped; rank 1: experts 2/3, half dropped
     idx = [[[0, 0, 0, 0]], [[1, 1, 1, 1]]] if rank == 0 else [[[2, 2, -1, -1]], [[3, 3, -1, -1]]]
     tokens = torch.tensor([4.0, 4.0, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 0.0, 2.0, 2.0])
