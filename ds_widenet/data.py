@@ -394,8 +394,30 @@ def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, t
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long)
 
 
+def loader_timeout_s() -> float:
+    """How long a batch may take before a DataLoader worker counts as stuck: the same bound as a
+    collective ($DS_WIDENET_TIMEOUT, see distributed.init_distributed), so a hang becomes an error."""
+    import os
+
+    return float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
+
+
 def build_loader(dataset: KeyedDataset, batch_sampler: Iterable[list[Key]], num_workers: int) -> DataLoader:
     """A DataLoader over key batches. Workers persist across epochs and evaluations (the samplers
-    are re-iterated, not rebuilt); worker seeding does not matter since every sample is keyed."""
+    are re-iterated, not rebuilt); worker seeding does not matter since every sample is keyed.
+
+    Workers come from a forkserver, not from fork(): by the time the first batch is drawn the
+    trainer holds gloo/NCCL and DeepSpeed threads, and a fork() of a multi-threaded process can
+    copy a lock some other thread holds, leaving the worker blocked forever (an intermittent hang
+    of a 2-process CI run). The forkserver is a clean single-threaded process with torch and this
+    module preloaded, so workers start quickly."""
+    if num_workers == 0:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=0, collate_fn=collate,
+                          pin_memory=torch.cuda.is_available())
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=True,
+                      multiprocessing_context=ctx, timeout=loader_timeout_s())

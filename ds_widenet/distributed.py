@@ -161,6 +161,13 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     if launcher == "mpi" and not torch.distributed.is_initialized():
         mpi_discovery()  # fills RANK..MASTER_PORT, so DeepSpeed's own discovery (port 29500) stays off
+    # DeepSpeed creates its expert and expert-data groups with dist.new_group(ranks), which takes
+    # torch's default timeout (30 min on gloo, 10 on NCCL) rather than the one given here; an MoE
+    # all-to-all waiting on a stuck peer would outlast the bound. Make the bound the default.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s), verbose=False)

@@ -1,4 +1,10 @@
-"""Switches that break distributed equivalence on purpose: the negative controls of
+"""Support for the multi-process tests and bench/equivalence.py.
+
+`run_with_deadline` runs a launcher and everything it starts as one process group: on a hang it
+asks every process for its Python stacks (SIGUSR1, which ds_widenet.train registers), kills the
+group, and reports both, so a stuck CI run says where it stuck and leaves no orphans behind.
+
+Switches that break distributed equivalence on purpose: the negative controls of
 tests/distributed/test_equivalence.py show the equivalence test catches each known MoE bug.
 Set DS_WIDENET_NEGATIVE_CONTROL to one name; never set it in real runs.
 
@@ -10,7 +16,10 @@ Set DS_WIDENET_NEGATIVE_CONTROL to one name; never set it in real runs.
 from __future__ import annotations
 
 import os
-from typing import Optional
+import signal
+import subprocess
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
 
 CONTROLS = ("expert_grad_scale", "lamb_per_partition", "clip_avg", "noise_per_rank")
 
@@ -20,3 +29,36 @@ def negative_control() -> Optional[str]:
     if name is not None and name not in CONTROLS:
         raise ValueError(f"DS_WIDENET_NEGATIVE_CONTROL={name!r}: use one of {', '.join(CONTROLS)}")
     return name
+
+
+class DeadlineExceeded(AssertionError):
+    """A launched run outlived its deadline; the message ends with the stacks it printed."""
+
+
+def run_with_deadline(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float,
+                      stack_grace_s: float = 5.0) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) in a new session. Past `timeout` seconds:
+    SIGUSR1 to the whole group (each trainer prints all its threads' stacks), then SIGKILL to the
+    group (torchrun's workers included, which a plain subprocess timeout leaves running)."""
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGUSR1)
+        try:
+            out, err = proc.communicate(timeout=stack_grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers whose parent already died
+        raise DeadlineExceeded(f"{' '.join(cmd[:6])} ... still running after {timeout:.0f} s; "
+                               f"stacks and output tail:\n{out[-2000:]}\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -361,6 +361,12 @@ def train(plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import faulthandler
+    import signal
+
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: the first thing to look at
+    # when a multi-node job stops making progress.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     select_accelerator()
     args = parse_args(argv)
     rank0 = "0" == next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")

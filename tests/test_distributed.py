@@ -205,3 +205,34 @@ def test_mpi_without_master_uses_rank_zeros_address_and_counts_local_ranks_per_h
     assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "2"]
     assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("10.1.2.3", str(DEFAULT_PORT))}
+
+
+GROUP_TIMEOUT_SCRIPT = '''
+import json, os
+os.environ.update({"DS_ACCELERATOR": "cpu"})
+import torch
+from ds_widenet.distributed import init_distributed
+from deepspeed.utils import groups
+
+init_distributed(timeout_s=42)
+groups._create_expert_and_data_parallel(1)  # as deepspeed.initialize does for an MoE model
+timeouts = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for name, g in {**groups._get_expert_parallel_group_dict(),
+                            **groups._get_expert_data_parallel_group_dict()}.items()}
+print(json.dumps(timeouts))
+'''
+
+
+def test_deepspeeds_expert_groups_take_the_run_timeout_not_torchs_30_minutes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "DS_WIDENET_TIMEOUT")}
+    res = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"ep_size_1": 42.0}, got  # expert and expert-data groups (one name at world size 1)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ds_widenet.testing import run_with_deadline
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -49,8 +51,7 @@ def train_cmd(launcher: str, nproc: int, args: list[str]) -> list[str]:
 def run_train(launcher: str, nproc: int, recipe: Path, ds_config: Path, out: Path, overrides: list[str],
               timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     args = ["--recipe", str(recipe), "--deepspeed_config", str(ds_config), "--out", str(out), *overrides]
-    res = subprocess.run(train_cmd(launcher, nproc, args), cwd=ROOT, env=child_env(), capture_output=True,
-                         text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    res = run_with_deadline(train_cmd(launcher, nproc, args), child_env(), ROOT, timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{launcher} x{nproc} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -87,7 +88,9 @@ def launch_all(cmds: dict[str, tuple[list[str], dict[str, str]]], logs: Path,
         try:
             codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            try:
+            try:  # stacks first (ds_widenet.train registers SIGUSR1), so the log says where it hung
+                os.killpg(p.pid, signal.SIGUSR1)
+                time.sleep(3)
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
