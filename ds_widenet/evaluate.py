@@ -1,5 +1,5 @@
 """`python -m ds_widenet.evaluate --weights model.safetensors [--data digits|cifar10|imagefolder|synthetic]
-[--root DIR] [--eval_capacity_factor F] [--device cpu|cuda] [--batch N] [--json]`
+[--root DIR] [--eval_capacity_factor F] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch N] [--json]`
 
 Top-1 of an exported model on a test split, and a per-depth routing summary (expert shares, drop
 rate, and how often a token's experts change from one depth to the next). Plain PyTorch: no
@@ -16,8 +16,13 @@ from typing import Any, Optional
 from .config import ConfigError, DataConfig
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batch: int = 128,
-                      eval_capacity_factor: Optional[float] = None) -> dict[str, Any]:
+                      eval_capacity_factor: Optional[float] = None, dtype: str = "fp32") -> dict[str, Any]:
+    """Top-1, loss and per-depth routing of an exported model; `dtype` casts the fp32 weights as a
+    bf16/fp16 engine holds them (the router still computes in fp32, as DeepSpeed's gate does)."""
     import torch
 
     from .checkpoint import load_exported
@@ -25,10 +30,11 @@ def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batc
     from .metrics import evaluate_loader
 
     overrides = {"moe": {"eval_capacity_factor": eval_capacity_factor}} if eval_capacity_factor else None
-    model = load_exported(weights, device, overrides)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    model = load_exported(weights, device, overrides).to(torch_dtype)
     _, test = build_datasets(data, model.cfg, seed=0)
     loader = build_loader(test, EvalSampler(len(test), batch, 1, 0), data.num_workers)
-    r = evaluate_loader(model, loader, device, torch.float32)
+    r = evaluate_loader(model, loader, device, torch_dtype)
     result: dict[str, Any] = {"weights": str(weights), "top1": r["top1"], "eval_loss": r["eval_loss"],
                               "images": r["eval_images"]}
     if "eval_expert_share_per_depth" in r:
@@ -46,6 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--root", default=None)
     ap.add_argument("--eval_capacity_factor", type=float, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                    help="cast the fp32 weights for evaluation (bf16 reproduces a bf16 engine's evaluation)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
@@ -58,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.root and not Path(args.root).exists():
             raise ConfigError(f"--root {args.root} does not exist")
         data = DataConfig(name=args.data, root=args.root, augment="none")
-        result = evaluate_exported(args.weights, data, device, args.batch, args.eval_capacity_factor)
+        result = evaluate_exported(args.weights, data, device, args.batch, args.eval_capacity_factor, args.dtype)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
