@@ -1,8 +1,7 @@
 """Distributed training is the same math: 2 processes against one process accumulating the same
 micro-batches, for ZeRO 0/1/2 x ep_size 1/2 (AdamW) and ZeRO 1/2 x ep_size 2 (the ZeRO-aware
-LAMB), over 20 steps with router noise, token drops, the aux loss and gradient clipping occurring;
-and each negative control (ds_widenet.testing) breaking the bound (100x; the averaged clip
-norm 30x, measured 59x).
+LAMB), over 30 steps with router noise, token drops, the aux loss and gradient clipping occurring;
+and each negative control (ds_widenet.testing) breaking the bound at least 100x.
 The runs and the comparison are bench/equivalence.py's, which prints the same table for the docs."""
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from bench.equivalence import CLIP, CONFIGS, CONTROLS, OPTIM, compare, ds_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS = 20
+STEPS = 30
 BOUND = 1e-5
 _REFS: dict = {}
 
@@ -44,9 +43,6 @@ def test_negative_control_breaks_the_bound(tmp_path_factory, tmp_path, control):
     run = launch(2, ds_config(tmp_path / "ds.json", stage), tmp_path / "run",
                  tiny(STEPS) + OPTIM[optim] + [f"parallel.ep_size={ep}"], control=control)
     c = compare(ref, run)
-    # clip_avg: DeepSpeed's averaged ZeRO-0 norm measured 59x the bound here (1.6e-4 loss, 5.9e-4 params
-    # over 20 steps); a higher lr that amplifies it more also makes the correct runs chaotic.
-    factor = 30 if control == "clip_avg" else 100
-    assert max(c["max_rel_loss_diff"], c["max_rel_param_diff"]) >= factor * BOUND, c
+    assert max(c["max_rel_loss_diff"], c["max_rel_param_diff"]) >= 100 * BOUND, c
     if control == "noise_per_rank":  # router noise is really on: drawing it per rank changes the routing
         assert not c["identical_expert_choices"]
