@@ -402,22 +402,58 @@ def loader_timeout_s() -> float:
     return float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
 
 
+def _exit_with_owner(owner_pid: int, worker_id: int) -> None:
+    """worker_init_fn: end this worker when the process that owns its DataLoader ends.
+
+    Forkserver workers are the forkserver's children, so DataLoader's own liveness check (has my
+    parent changed?) never fires when the trainer is SIGKILLed, and the workers, which keep the
+    forkserver alive, would outlive it, holding the launcher's output pipes open. A pidfd wakes
+    this thread the moment the owner exits (a 1 s poll where pidfd_open is missing)."""
+    import os
+    import select
+    import threading
+    import time
+
+    try:
+        fd: Optional[int] = os.pidfd_open(owner_pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the owner is already gone
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(owner_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="ds_widenet-owner-watch", daemon=True).start()
+
+
 def build_loader(dataset: KeyedDataset, batch_sampler: Iterable[list[Key]], num_workers: int) -> DataLoader:
     """A DataLoader over key batches. Workers persist across epochs and evaluations (the samplers
     are re-iterated, not rebuilt); worker seeding does not matter since every sample is keyed.
 
     Workers come from a forkserver, not from fork(): by the time the first batch is drawn the
-    trainer holds gloo/NCCL and DeepSpeed threads, and a fork() of a multi-threaded process can
-    copy a lock some other thread holds, leaving the worker blocked forever (an intermittent hang
-    of a 2-process CI run). The forkserver is a clean single-threaded process with torch and this
-    module preloaded, so workers start quickly."""
+    trainer runs gloo/NCCL, DeepSpeed and other loaders' threads, and workers fork()ed from it lost
+    a batch once in 25 stressed 2-rank runs here (the rank waited for it forever, its workers idle).
+    The forkserver is a clean single-threaded process with torch and this module preloaded, so
+    workers still start quickly; they exit with the trainer (_exit_with_owner), and a batch that
+    takes longer than the collective timeout is an error, not a hang."""
     if num_workers == 0:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=0, collate_fn=collate,
                           pin_memory=torch.cuda.is_available())
+    import functools
     import multiprocessing
+    import os
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision", __name__])
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=True,
-                      multiprocessing_context=ctx, timeout=loader_timeout_s())
+                      multiprocessing_context=ctx, timeout=loader_timeout_s(),
+                      worker_init_fn=functools.partial(_exit_with_owner, os.getpid()))

@@ -62,3 +62,22 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def process_alive(pid: int, settle_s: float = 2.0) -> bool:
+    """Whether `pid` is still running after up to `settle_s` seconds (a zombie counts as ended:
+    a killed orphan lingers as one until its new parent reaps it)."""
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)

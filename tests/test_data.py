@@ -358,3 +358,37 @@ def test_mixup_lambda_follows_beta():
                          for s in range(2000)])
     # Beta(0.4, 0.4): mean 1/2, variance 1 / (4 * (2 * 0.4 + 1)) = 0.139
     assert abs(lams.mean().item() - 0.5) < 0.03 and abs(lams.var().item() - 0.139) < 0.015
+
+
+OWNER_SCRIPT = '''
+import time
+from ds_widenet.config import DataConfig, ModelConfig
+from ds_widenet.data import build_datasets, build_loader
+train, _ = build_datasets(DataConfig(name="digits"), ModelConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10,
+                          embed_dim=16, depth=1, num_heads=2, mlp_dim=32), seed=0)
+loader = build_loader(train, [[(0, i) for i in range(4)]] * 2, num_workers=2)
+next(iter(loader))
+print(*[w.pid for w in loader._iterator._workers], flush=True)
+time.sleep(600)
+'''
+
+
+def test_loader_workers_end_when_their_trainer_is_killed(tmp_path):
+    """Forkserver workers are not the trainer's children; they must not outlive a SIGKILLed trainer
+    (they would hold the launcher's pipes open and the forkserver alive)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ds_widenet.testing import process_alive
+
+    root = Path(__file__).resolve().parents[1]
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    workers = [int(p) for p in owner.stdout.readline().split()]
+    assert len(workers) == 2 and all(process_alive(p, settle_s=0) for p in workers)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert not any(process_alive(p, settle_s=5) for p in workers)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ds_widenet.testing import DeadlineExceeded, run_with_deadline
+from ds_widenet.testing import DeadlineExceeded, process_alive, run_with_deadline
 
 HANG = textwrap.dedent('''
     import faulthandler, signal, subprocess, sys, time
@@ -30,21 +30,7 @@ def test_a_hung_launch_reports_its_stacks_and_its_whole_group_is_killed(tmp_path
     assert "still running after 3 s" in msg
     assert "stuck_in_a_collective" in msg  # the SIGUSR1 stack dump names the function it hung in
     grandchild = int(msg.split("output tail:\n")[1].split()[0])
-    assert not _alive(grandchild)  # the launcher's own child went with the group
-
-
-def _alive(pid: int) -> bool:
-    """Running or sleeping; a killed orphan may linger as a zombie until its new parent reaps it."""
-    for _ in range(20):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return False
-        if state in ("Z", "X"):
-            return False
-        time.sleep(0.1)
-    return True
+    assert not process_alive(grandchild)  # the launcher's own child went with the group
 
 
 def test_a_finished_launch_returns_like_subprocess_run(tmp_path):
