@@ -21,50 +21,108 @@ Key = Union[int, torch.Tensor]
 def _mix(x: torch.Tensor) -> torch.Tensor:
     # lowbias32 on the low 32 bits of int64 values; int64 products wrap, low 32 bits stay exact.
     x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    x = x ^ (x >> 16)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    x ^= x >> 16
     return x
+
+
+def _mix_int(x: int) -> int:
+    """_mix on a Python int (the same low 32 bits: Python's products do not wrap, the mask cuts)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+_State = Union[int, torch.Tensor]
+
+
+def _fold(keys: Sequence[Key], h: _State, device: torch.device | str) -> _State:
+    """Mix `keys` into `h` in order. The hash is elementwise, so it is computed on the broadcast
+    shape of the keys seen so far (a Python int while they are all ints): the same values as over
+    the full output shape, with the full-size work only for the keys that vary over all of it."""
+    for k in keys:
+        if isinstance(k, torch.Tensor):
+            k = k.to(device=device, dtype=torch.int64)
+            h = _mix((k & _M32) ^ h)
+            h = _mix(h ^ ((k >> 32) & _M32))  # keys wider than 32 bits: the high part is another round
+        else:
+            k = int(k)
+            h = _mix_int(h ^ (k & _M32)) if isinstance(h, int) else _mix(h ^ (k & _M32))
+            if k >> 32:
+                h = _mix_int(h ^ ((k >> 32) & _M32)) if isinstance(h, int) else _mix(h ^ ((k >> 32) & _M32))
+    return h
+
+
+def _expand(h: _State, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    if isinstance(h, int):
+        return torch.full(tuple(shape), h, dtype=torch.int64, device=device)
+    return h.expand(tuple(shape)).contiguous()
 
 
 def hash_keys(keys: Sequence[Key], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Hash a sequence of keys (ints or tensors broadcastable to `shape`) and the element index
     along the trailing dims into uint32 values stored in int64, shaped `shape`."""
+    return _expand(_fold(keys, 0x9E3779B9, device), shape, device)
+
+
+def hash_keys_full_shape(keys: Sequence[Key], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The definition hash_keys computes faster: every key mixed into a state of the full output
+    shape. Kept as the reference for tests/test_rng.py and bench/keyed_rng.py."""
     h = torch.full(tuple(shape), 0x9E3779B9, dtype=torch.int64, device=device)
     for k in keys:
         if isinstance(k, torch.Tensor):
             k = k.to(device=device, dtype=torch.int64)
-        h = _mix(h ^ (k & _M32 if isinstance(k, torch.Tensor) else (int(k) & _M32)))
-        # keys wider than 32 bits: fold the high part in as another round
-        if isinstance(k, torch.Tensor):
+            h = _mix(h ^ (k & _M32))
             h = _mix(h ^ ((k >> 32) & _M32))
-        elif int(k) >> 32:
-            h = _mix(h ^ ((int(k) >> 32) & _M32))
+        else:
+            h = _mix(h ^ (int(k) & _M32))
+            if int(k) >> 32:
+                h = _mix(h ^ ((int(k) >> 32) & _M32))
     return h
 
 
+def keyed_normal_full_shape(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """keyed_normal by the definition (hash_keys_full_shape); the reference for tests and bench."""
+    idx = _element_index(shape, n_trailing, device).expand(tuple(shape))
+    u = [(hash_keys_full_shape([*keys, salt, idx], shape, device).to(torch.float64) + 0.5).div_(2.0 ** 32)
+         .to(torch.float32) for salt in (0x51ED270B, 0x2545F491)]
+    return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
+
+
 def _element_index(shape: Sequence[int], n_trailing: int, device: torch.device | str) -> torch.Tensor:
+    """Element numbers over the last `n_trailing` dims, shaped to broadcast against `shape`."""
     trailing = tuple(shape[len(shape) - n_trailing:]) if n_trailing else ()
     numel = math.prod(trailing) if trailing else 1
-    idx = torch.arange(numel, dtype=torch.int64, device=device).reshape(trailing) if trailing else torch.zeros((), dtype=torch.int64, device=device)
-    return idx.expand(tuple(shape))
+    return torch.arange(numel, dtype=torch.int64, device=device).reshape(trailing) if trailing \
+        else torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _uniform(h: _State, shape: Sequence[int], n_trailing: int, device: torch.device | str) -> torch.Tensor:
+    h = _expand(_fold([_element_index(shape, n_trailing, device)], h, device), shape, device)
+    return (h.to(torch.float64) + 0.5).div_(2.0 ** 32).to(torch.float32)
 
 
 def keyed_uniform(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform(0,1) in float32, open interval. The last `n_trailing` dims are enumerated as
     element indices; leading dims must be covered by tensor keys (e.g. a per-sample id [B, 1])."""
-    h = hash_keys([*keys, _element_index(shape, n_trailing, device)], shape, device)
-    return (h.to(torch.float64) + 0.5).div_(2.0 ** 32).to(torch.float32)
+    return _uniform(_fold(keys, 0x9E3779B9, device), shape, n_trailing, device)
 
 
 def keyed_normal(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal (Box-Muller over two independent keyed uniforms)."""
-    u1 = keyed_uniform([*keys, 0x51ED270B], shape, n_trailing, device)
-    u2 = keyed_uniform([*keys, 0x2545F491], shape, n_trailing, device)
+    prefix = _fold(keys, 0x9E3779B9, device)  # shared by both uniforms: they differ from the salt on
+    u1 = _uniform(_fold([0x51ED270B], prefix, device), shape, n_trailing, device)
+    u2 = _uniform(_fold([0x2545F491], prefix, device), shape, n_trailing, device)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
