@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -42,8 +41,9 @@ def tiny(steps: int) -> list[str]:
 
 
 def env(control: Optional[str] = None) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_WIDENET_TIMEOUT": "90"})
+    from ds_widenet.testing import child_env
+
+    e = child_env(ROOT)
     e.pop("DS_WIDENET_NEGATIVE_CONTROL", None)
     if control:
         e["DS_WIDENET_NEGATIVE_CONTROL"] = control
@@ -58,11 +58,9 @@ def ds_config(path: Path, stage: int, micro: int = 16, batch: int = 32) -> Path:
 
 def launch(nproc: int, ds: Path, out: Path, overrides: list[str], control: Optional[str] = None) -> Path:
     """Train with `nproc` processes (torchrun for 2); raises with the log tail on failure."""
-    import socket
+    from ds_widenet.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = ["-m", "ds_widenet.train", "--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out), *overrides]
     cmd = [sys.executable, *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", *args]

@@ -40,7 +40,7 @@ from ds_widenet.config import ModelConfig
 
 
 def tokens_per_image(cfg: ModelConfig) -> int:
-    return cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+    return cfg.tokens_per_image
 
 
 def moe_calls(cfg: ModelConfig) -> int:

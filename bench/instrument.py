@@ -44,14 +44,18 @@ def _grad_tensors(xs: Any) -> list[torch.Tensor]:
     return [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
 
 
-class _Open(torch.autograd.Function):
-    """Identity on a part's outputs; in backward it runs first, and opens the range."""
+class _Marker(torch.autograd.Function):
+    """Identity on a part's tensors that remembers `box`; subclasses act in backward."""
 
     @staticmethod
     def forward(ctx: Any, box: dict, *xs: torch.Tensor) -> Any:  # type: ignore[override]
         ctx.box = box
         out = tuple(x.view_as(x) for x in xs)
         return out if len(out) > 1 else out[0]
+
+
+class _Open(_Marker):
+    """On a part's outputs: in backward it runs first, and opens the range."""
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
@@ -61,14 +65,8 @@ class _Open(torch.autograd.Function):
         return (None, *grads)
 
 
-class _Close(torch.autograd.Function):
-    """Identity on a part's inputs; in backward it runs after the part's backward, and closes it."""
-
-    @staticmethod
-    def forward(ctx: Any, box: dict, *xs: torch.Tensor) -> Any:  # type: ignore[override]
-        ctx.box = box
-        out = tuple(x.view_as(x) for x in xs)
-        return out if len(out) > 1 else out[0]
+class _Close(_Marker):
+    """On a part's inputs: in backward it runs after the part's backward, and closes the range."""
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]

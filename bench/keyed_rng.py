@@ -31,8 +31,7 @@ from ds_widenet import rng  # noqa: E402
 def measure(preset: str, batch: int, rounds: int, warmup: int) -> dict[str, Any]:
     cfg = common.model_config(preset)
     assert cfg.moe is not None, f"{preset} has no MoE"
-    tokens = (cfg.img_size // cfg.patch_size) ** 2 + (1 if cfg.pool == "cls" else 0)
-    shape = (batch, tokens, cfg.moe.num_experts)
+    shape = (batch, cfg.tokens_per_image, cfg.moe.num_experts)
     ids = torch.arange(batch).view(batch, 1, 1) * 7 + 3
 
     def keys(r: int) -> list:

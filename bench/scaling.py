@@ -48,7 +48,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -318,21 +317,17 @@ def sweep_points(max_world: int = 2, num_experts: int = 4) -> list[tuple[int, in
 
 def launch_point(world: int, ep: int, zero: int, preset: str, micro: int, steps: int, warmup: int,
                  overrides: Sequence[str], out: Path, profile: int, timeout: float = 600) -> dict[str, Any]:
-    import socket
+    from ds_widenet.distributed import free_port
+    from ds_widenet.testing import child_env, run_with_deadline
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(common.ROOT),
-                "MALLOC_MMAP_THRESHOLD_": "131072", "DS_WIDENET_TIMEOUT": "300", "PYTHONUNBUFFERED": "1"})
+    port = free_port()
+    env = child_env(common.ROOT, timeout_s=300, MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
            str(common.ROOT / "bench" / "scaling_worker.py"), "--preset", preset, "--micro", str(micro),
            "--zero", str(zero), "--ep", str(ep), "--steps", str(steps), "--warmup", str(warmup),
            "--threads", "1", "--profile", str(profile), "--out", str(out), *overrides]
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                         stdin=subprocess.DEVNULL)
+    res = run_with_deadline(cmd, env, common.ROOT, timeout)  # kills torchrun's ranks too on a hang
     if res.returncode != 0:
         raise RuntimeError(f"world {world} ep {ep} zero {zero} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     r = json.loads(out.read_text())

@@ -267,7 +267,7 @@ def main() -> int:
                "zero_stage": args.zero, "micro_batch": args.micro, "threads_per_rank": args.threads,
                "steps": args.steps, "warmup": args.warmup, "step_time_s": common.summary(step_times),
                "images_per_s": args.micro * world / med,
-               "tokens_per_s": args.micro * world * (cfg.num_patches + (1 if cfg.pool == "cls" else 0)) / med,
+               "tokens_per_s": args.micro * world * cfg.tokens_per_image / med,
                "optimizer": opt_b["optimizer_class"], "ranks": gathered}
         Path(args.out).write_text(json.dumps(res, indent=2))
     dist.barrier()

@@ -113,6 +113,11 @@ class ModelConfig:
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens through every block (and every MoE call): the patches, plus the class token."""
+        return self.num_patches + (1 if self.pool == "cls" else 0)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -458,6 +463,11 @@ def resolve_batch(ds: dict[str, Any], world: int) -> BatchLayout:
     return BatchLayout(micro=int(mb), grad_accum=int(ga), world=world)
 
 
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization section)."""
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
 def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
     """Where ep_size, num_experts, ZeRO stage, world size, batch and precision meet. Raises ConfigError."""
     for section, owner in (("optimizer", "optim"), ("scheduler", "schedule")):
@@ -469,7 +479,7 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
         raise ConfigError("DeepSpeed config has a 'moe' section: MoE settings belong to the recipe's model.moe and parallel.ep_size")
     moe = recipe.model.moe
     ep = recipe.parallel.ep_size
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    stage = zero_stage(ds)
     if ep < 1:
         raise ConfigError(f"parallel.ep_size={ep} must be >= 1")
     if moe is None and ep != 1:
@@ -498,7 +508,7 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
                           "(DeepSpeed #8475): use zero_optimization.stage 1 or 2, or fp32")
     layout = resolve_batch(ds, world)
     if recipe.model.moe is not None and recipe.model.moe.drop_tokens:
-        tokens = layout.micro * (recipe.model.num_patches + (1 if recipe.model.pool == "cls" else 0))
+        tokens = layout.micro * recipe.model.tokens_per_image
         if tokens < recipe.model.moe.min_capacity:
             raise ConfigError(f"micro batch {layout.micro} gives {tokens} tokens < model.moe.min_capacity: raise the micro batch")
     return layout

@@ -394,14 +394,6 @@ def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, t
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long)
 
 
-def loader_timeout_s() -> float:
-    """How long a batch may take before a DataLoader worker counts as stuck: the same bound as a
-    collective ($DS_WIDENET_TIMEOUT, see distributed.init_distributed), so a hang becomes an error."""
-    import os
-
-    return float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
-
-
 def _exit_with_owner(owner_pid: int, worker_id: int) -> None:
     """worker_init_fn: end this worker when the process that owns its DataLoader ends.
 
@@ -451,9 +443,11 @@ def build_loader(dataset: KeyedDataset, batch_sampler: Iterable[list[Key]], num_
     import multiprocessing
     import os
 
+    from .distributed import run_timeout_s
+
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision", __name__])
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=True,
-                      multiprocessing_context=ctx, timeout=loader_timeout_s(),
+                      multiprocessing_context=ctx, timeout=run_timeout_s(),
                       worker_init_fn=functools.partial(_exit_with_owner, os.getpid()))

@@ -21,6 +21,8 @@ from typing import Mapping, MutableMapping, Optional
 import torch
 
 DEFAULT_PORT = 29500
+# what torchrun / deepspeed export to each rank; a child launch must not inherit them
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def select_accelerator() -> str:
@@ -31,7 +33,8 @@ def select_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a master port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -95,7 +98,7 @@ def discover_env(env: Optional[MutableMapping[str, str]] = None) -> str:
         return "slurm"
     env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
     if not env.get("MASTER_PORT"):
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
     return "single"
 
 
@@ -146,6 +149,21 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_backend(device_name: str, comm_backend: str) -> str:
+    """gloo on the CPU. On an accelerator, its backend for device tensors plus gloo for CPU ones:
+    the project's bookkeeping collectives (non-finite flags, metric sums, route digests, the
+    global gradient norm, evaluation counts) reduce small CPU tensors, which NCCL alone rejects."""
+    if device_name == "cpu":
+        return "gloo"
+    return f"cpu:gloo,{device_name}:{comm_backend}"
+
+
+def run_timeout_s() -> float:
+    """How long any wait may last before it counts as a hang: a collective (every process group,
+    DeepSpeed's included) and a data-loader batch. $DS_WIDENET_TIMEOUT seconds, default 30 minutes."""
+    return float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
+
+
 def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     """Start torch.distributed through DeepSpeed (gloo on the CPU, the accelerator's backend
     otherwise). `timeout_s` (or $DS_WIDENET_TIMEOUT) bounds collectives so a dead peer fails the
@@ -156,9 +174,9 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     if timeout_s is None:
-        timeout_s = float(os.environ.get("DS_WIDENET_TIMEOUT", 1800))
+        timeout_s = run_timeout_s()
     acc = get_accelerator()
-    backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+    backend = process_group_backend(acc.device_name(), acc.communication_backend_name())
     if launcher == "mpi" and not torch.distributed.is_initialized():
         mpi_discovery()  # fills RANK..MASTER_PORT, so DeepSpeed's own discovery (port 29500) stays off
     # DeepSpeed creates its expert and expert-data groups with dist.new_group(ranks), which takes
@@ -183,5 +201,4 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
 
 
 def env_summary(env: Mapping[str, str]) -> str:
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return " ".join(f"{k}={env.get(k)}" for k in keys)
+    return " ".join(f"{k}={env.get(k)}" for k in LAUNCHER_VARS)

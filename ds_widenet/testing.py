@@ -31,6 +31,18 @@ def negative_control() -> Optional[str]:
     return name
 
 
+def child_env(root: Path, timeout_s: float = 90, **extra: str) -> dict[str, str]:
+    """The environment for a launch from a test or benchmark: this one without the launcher
+    variables a parent run may carry, on the CPU accelerator, one thread per process (two
+    multi-threaded processes on 2 cores thrash), `root` importable, a short hang timeout."""
+    from .distributed import LAUNCHER_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1",
+                "DS_WIDENET_TIMEOUT": str(timeout_s), **extra})
+    return env
+
+
 class DeadlineExceeded(AssertionError):
     """A launched run outlived its deadline; the message ends with the stacks it printed."""
 
@@ -45,19 +57,20 @@ def run_with_deadline(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, tim
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGUSR1)
+        signal_group(proc.pid, signal.SIGUSR1)
         try:
             out, err = proc.communicate(timeout=stack_grace_s)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-        _signal_group(proc.pid, signal.SIGKILL)  # stragglers whose parent already died
+        signal_group(proc.pid, signal.SIGKILL)  # stragglers whose parent already died
         raise DeadlineExceeded(f"{' '.join(cmd[:6])} ... still running after {timeout:.0f} s; "
                                f"stacks and output tail:\n{out[-2000:]}\n{err[-12000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Send `sig` to a process group that may already be gone."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

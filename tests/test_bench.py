@@ -3,7 +3,6 @@ ranges, the projection model and the layout advisor (fast), and one 2-rank sweep
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
+from ds_widenet import testing  # noqa: E402
 from bench.flops import activation_bytes, capacity, measure_saved_bytes, step_flops  # noqa: E402
 
 torch = common.torch
@@ -30,9 +30,7 @@ def tiny_widenet(**kw):
 
 
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    return env
+    return testing.child_env(ROOT)
 
 
 def test_throughput_json(tmp_path):

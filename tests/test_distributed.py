@@ -229,10 +229,21 @@ def test_deepspeeds_expert_groups_take_the_run_timeout_not_torchs_30_minutes(tmp
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "DS_WIDENET_TIMEOUT")}
+    env = {k: v for k, v in os.environ.items() if k not in (*distributed.LAUNCHER_VARS, "DS_WIDENET_TIMEOUT")}
     res = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120, env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got == {"ep_size_1": 42.0}, got  # expert and expert-data groups (one name at world size 1)
+
+
+def test_accelerators_get_gloo_for_the_cpu_tensors_of_the_bookkeeping_collectives():
+    from ds_widenet.distributed import process_group_backend
+
+    assert process_group_backend("cpu", "ccl") == "gloo"
+    assert process_group_backend("cuda", "nccl") == "cpu:gloo,cuda:nccl"
+    # torch accepts the device:backend form (its parser, as init_process_group uses it)
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    backends = BackendConfig(Backend(process_group_backend("cuda", "nccl"))).get_device_backend_map()
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}

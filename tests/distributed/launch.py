@@ -2,31 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ds_widenet.testing import run_with_deadline
+from ds_widenet import testing
+from ds_widenet.distributed import free_port  # noqa: F401 (the launcher tests import it from here)
+from ds_widenet.testing import run_with_deadline, signal_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                "DS_WIDENET_TIMEOUT": "90", "PYTHONUNBUFFERED": "1"})
-    return env
+    return testing.child_env(ROOT)
 
 
 def write_ds_config(path: Path, **cfg: Any) -> Path:
@@ -88,11 +78,8 @@ def launch_all(cmds: dict[str, tuple[list[str], dict[str, str]]], logs: Path,
         try:
             codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            try:  # stacks first (ds_widenet.train registers SIGUSR1), so the log says where it hung
-                os.killpg(p.pid, signal.SIGUSR1)
-                time.sleep(3)
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(p.pid, signal.SIGUSR1)  # stacks first (ds_widenet.train registers it)
+            time.sleep(3)
+            signal_group(p.pid, signal.SIGKILL)
             codes[name] = p.wait()
     return {name: (codes[name], (logs / f"{name}.log").read_text(errors="replace")) for name in cmds}
