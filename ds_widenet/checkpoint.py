@@ -154,6 +154,12 @@ def save_checkpoint(engine: Any, out: Path, recipe: Recipe, step: int, layout: d
     root = checkpoint_root(out)
     tag = f"step{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    d = root / tag
+    if d.exists():  # a crashed save of this step (or another layout's): no stale shard or marker may survive
+        if rank == 0:
+            shutil.rmtree(d)
+        if dist.is_initialized():
+            dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     weights, state = {}, {}
     for name, p, owned in _owned_params(engine):
@@ -163,7 +169,6 @@ def save_checkpoint(engine: Any, out: Path, recipe: Recipe, step: int, layout: d
             weights[name] = master.detach().float().cpu().contiguous()
             for k, v in moments.items():
                 state[f"{name}::{k}"] = v.contiguous()
-    d = root / tag
     (d / "weights").mkdir(parents=True, exist_ok=True)
     (d / "state").mkdir(parents=True, exist_ok=True)
     save_file(weights, str(d / "weights" / f"rank{rank}.safetensors"))
@@ -240,7 +245,7 @@ def check_same_model(ckpt_model: dict[str, Any], model: ModelConfig, where: Path
 def read_shards(ckpt: Path, kind: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Merge <ckpt>/<kind>/rank*.safetensors into one state dict (no pickle is read)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import safe_open
 
     files = sorted((ckpt / kind).glob("rank*.safetensors"))
     if not files:
@@ -249,8 +254,8 @@ def read_shards(ckpt: Path, kind: str = "weights") -> tuple[dict[str, torch.Tens
     meta: dict[str, str] = {}
     for f in files:
         try:
-            merged.update(load_file(str(f)))
             with safe_open(str(f), "pt") as h:
+                merged.update({k: h.get_tensor(k) for k in h.keys()})
                 meta.update(h.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:80]}): resume or export from another checkpoint") from None

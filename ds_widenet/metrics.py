@@ -441,15 +441,15 @@ def route_digest(routing: Sequence[RoutingStats], sample_ids: torch.Tensor) -> t
     choices on any layout (the equivalence tests compare it step by step)."""
     from . import rng
 
-    out = []
-    for r in routing:
-        k, b, t = r.expert_index.shape
-        ids = sample_ids.reshape(1, b, 1).to(torch.int64).cpu()
-        choice = torch.arange(k, dtype=torch.int64).reshape(k, 1, 1)
-        token = torch.arange(t, dtype=torch.int64).reshape(1, 1, t)
-        h = rng.hash_keys([0xD16E57, ids, choice, token], (k, b, t)) & 0xFFFFF
-        out.append(((r.expert_index.cpu().to(torch.int64) + 2) * h).sum())
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.int64)
+    if not routing:
+        return torch.zeros(0, dtype=torch.int64)
+    experts = torch.stack([r.expert_index for r in routing]).cpu().to(torch.int64)  # [depths, k, b, t]: one copy
+    _, k, b, t = experts.shape
+    ids = sample_ids.reshape(1, b, 1).to(torch.int64).cpu()
+    choice = torch.arange(k, dtype=torch.int64).reshape(k, 1, 1)
+    token = torch.arange(t, dtype=torch.int64).reshape(1, 1, t)
+    h = rng.hash_keys([0xD16E57, ids, choice, token], (k, b, t)) & 0xFFFFF  # the same for every depth
+    return ((experts + 2) * h).sum(dim=(1, 2, 3))
 
 
 def all_reduce_sum_int(t: torch.Tensor) -> list[int]:

@@ -233,19 +233,24 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    dense = torch.zeros((), dtype=torch.float64)
+    # squares summed on the gradients' device in parameter order, then read back in one copy
+    dense: Optional[torch.Tensor] = None
     experts: dict[str, torch.Tensor] = {}
     for p in model.parameters():
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum()
         if getattr(p, "allreduce", True) is False:
-            experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+            experts[p.group_name] = experts[p.group_name] + sq if p.group_name in experts else sq
         else:
-            dense += sq
-    total = dense
-    for name in sorted(experts):
-        sq = experts[name]
+            dense = sq if dense is None else dense + sq
+    names = sorted(experts)
+    sums = [dense, *[experts[n] for n in names]]
+    dev = next((t.device for t in sums if t is not None), torch.device("cpu"))
+    host = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if t is None else t for t in sums]).cpu()
+    total = host[0]
+    for i, name in enumerate(names, start=1):
+        sq = host[i].clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
         total = total + sq

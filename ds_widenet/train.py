@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import select_accelerator
-from .config import BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate
+from .config import (BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate,
+                     zero_stage)
 
 
 class TrainingError(RuntimeError):
@@ -56,10 +57,12 @@ class Plan:
     layout: BatchLayout
     out: Path
     resume: Optional[Path] = None  # a complete checkpoint directory
+    resume_meta: Optional[dict[str, Any]] = None  # its meta.json
     init_from: Optional[Path] = None
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
+    from .checkpoint import checkpoint_root, complete_checkpoints
     from .distributed import discover_env
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -68,15 +71,16 @@ def plan_run(args: argparse.Namespace) -> Plan:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
     layout = validate(recipe, ds_config, world)
     out = Path(args.out)
-    resume = None
+    resume = resume_meta = None
     if args.resume:
         from .checkpoint import check_same_model, find_checkpoint, read_meta
 
         resume = find_checkpoint(args.resume, out)
-        check_same_model(read_meta(resume)["model"], recipe.model, resume)
-    elif (out / "metrics.jsonl").exists() and not args.overwrite:
-        raise ConfigError(f"{out} already holds a run (metrics.jsonl): pass --resume auto to continue it, "
-                          "choose a new --out, or pass --overwrite")
+        resume_meta = read_meta(resume)
+        check_same_model(resume_meta["model"], recipe.model, resume)
+    elif not args.overwrite and ((out / "metrics.jsonl").exists() or complete_checkpoints(checkpoint_root(out))):
+        raise ConfigError(f"{out} already holds a run (metrics.jsonl or checkpoints): pass --resume auto to continue it, "
+                          "choose a new --out, or pass --overwrite (which deletes its checkpoints)")
     if args.init_from and args.resume:
         raise ConfigError("--init_from and --resume exclude each other: --resume continues a run, --init_from starts one")
     init_from = Path(args.init_from) if args.init_from else None
@@ -85,7 +89,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
                           "(python -m ds_widenet.export writes both)")
     if recipe.data.root and not Path(recipe.data.root).exists():
         raise ConfigError(f"data.root={recipe.data.root} does not exist: point data.root at your data directory")
-    return Plan(recipe, ds_config, layout, out, resume, init_from)
+    return Plan(recipe, ds_config, layout, out, resume, resume_meta, init_from)
 
 
 def project_clips(plan: Plan) -> bool:
@@ -94,8 +98,7 @@ def project_clips(plan: Plan) -> bool:
     (DeepSpeed #8475). ZeRO 1/2 compute the global norm correctly and keep DeepSpeed's clipping."""
     from .testing import negative_control
 
-    stage = int((plan.ds_config.get("zero_optimization") or {}).get("stage", 0))
-    return (stage == 0 and plan.recipe.parallel.ep_size > 1 and float(plan.ds_config.get("gradient_clipping", 0)) > 0
+    return (zero_stage(plan.ds_config) == 0 and plan.recipe.parallel.ep_size > 1 and float(plan.ds_config.get("gradient_clipping", 0)) > 0
             and negative_control() != "clip_avg")
 
 
@@ -110,18 +113,6 @@ def _ds_config_for_engine(plan: Plan) -> dict[str, Any]:
     cfg["train_batch_size"] = plan.layout.global_batch
     cfg.setdefault("steps_per_print", 10 ** 9)  # the project logs; keep DeepSpeed's own log quiet
     return cfg
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (so all ranks stop together instead of hanging)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def soft_cross_entropy(logits, targets):
@@ -162,18 +153,18 @@ def initialise_from_export(model, path: Path, recipe: Recipe, ep_size: int, ep_r
     return f"initialised from {path}" + (f" ({', '.join(changes)})" if changes else "")
 
 
-def reshard_optimizer(engine, scheduler, ckpt: Path, ep_size: int, ep_rank: int, step: int) -> str:
+def reshard_optimizer(engine, scheduler, ckpt: Path, old_layout: dict[str, Any], ep_size: int, ep_rank: int,
+                      step: int) -> str:
     """After a layout change: optimizer moments per parameter from the shards, the schedule moved
     to `step`. Returns the notice for the log."""
-    from .checkpoint import load_moments_into, read_meta, read_shards
+    from .checkpoint import load_moments_into, read_shards
 
     state, meta = read_shards(ckpt, "state")
     ok = bool(state) and load_moments_into(engine, state, ep_size, ep_rank, int(meta.get("optimizer_step", 0)))
     for _ in range(step):
         scheduler.step()
-    old = read_meta(ckpt)["layout"]
     what = "weights and optimizer moments" if ok else "weights only (optimizer state starts fresh)"
-    return f"resharded {ckpt} from {old} : {what}"
+    return f"resharded {ckpt} from {old_layout} : {what}"
 
 
 def attach_zero_lamb(engine) -> None:
@@ -202,11 +193,11 @@ def train(plan: Plan) -> dict[str, Any]:
     from .data import EvalSampler, GlobalBatchSampler, build_datasets, build_loader, mixup
     from .distributed import init_distributed
     from .metrics import (MetricsLog, NonFiniteGuard, RoutingAccumulator, RoutingWatch, all_reduce_mean,
-                          all_reduce_sum_int, route_digest, routing_fields)
+                          all_reduce_sum_int, any_rank, route_digest, routing_fields)
     from .models import build_model
     from .optim import build_optimizer, build_scheduler, clip_grad_norm_global_, global_grad_norm, param_groups
     from . import rng
-    from .checkpoint import load_weights_into, maybe_fault, read_meta, read_shards, save_checkpoint
+    from .checkpoint import checkpoint_root, load_weights_into, maybe_fault, read_shards, save_checkpoint
 
     recipe, layout = plan.recipe, plan.layout
     info = init_distributed()
@@ -215,7 +206,8 @@ def train(plan: Plan) -> dict[str, Any]:
 
     train_set, test_set = build_datasets(recipe.data, recipe.model, recipe.seed)
     steps_per_epoch, total_steps, warmup_steps = derived_steps(recipe, len(train_set), layout)
-    start_step = read_meta(plan.resume)["step"] if plan.resume else 0
+    meta = plan.resume_meta or {}
+    start_step = meta.get("step", 0)
     sampler = GlobalBatchSampler(len(train_set), layout.micro, layout.grad_accum, layout.world, info.rank,
                                  recipe.seed, shuffle=True, start_step=start_step, total_steps=total_steps)
     train_loader = build_loader(train_set, sampler, recipe.data.num_workers)
@@ -224,17 +216,18 @@ def train(plan: Plan) -> dict[str, Any]:
                                recipe.data.num_workers)
 
     model = build_model(recipe.model, ep_size=ep, ep_rank=info.rank % ep, seed=recipe.seed)
-    run_layout = {"world": layout.world, "ep_size": ep, "zero_stage": int((plan.ds_config.get("zero_optimization") or {}).get("stage", 0)),
+    run_layout = {"world": layout.world, "ep_size": ep, "zero_stage": zero_stage(plan.ds_config),
                   "bf16": bool((plan.ds_config.get("bf16") or {}).get("enabled")), "fp16": bool((plan.ds_config.get("fp16") or {}).get("enabled"))}
-    reshard = plan.resume is not None and read_meta(plan.resume)["layout"] != run_layout
+    reshard = plan.resume is not None and meta["layout"] != run_layout
     if plan.init_from is not None:
         init_notice = initialise_from_export(model, plan.init_from, recipe, ep, info.rank % ep)
     elif reshard:  # weights from the layout-free shards; the engine's own files assume the old layout
         load_weights_into(model, read_shards(plan.resume, "weights")[0], ep, info.rank % ep)
     optimizer = build_optimizer(recipe.optim, param_groups(model, recipe.optim.weight_decay))
+    engine_config = _ds_config_for_engine(plan)
     scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=_ds_config_for_engine(plan))
+                                                           config=engine_config)
     dtype = next(engine.module.parameters()).dtype
     device = engine.device
     attach_zero_lamb(engine)
@@ -243,14 +236,15 @@ def train(plan: Plan) -> dict[str, Any]:
         engine.load_checkpoint(str(plan.resume.parent), tag=plan.resume.name)  # exact: same layout
         resume_notice = f"resumed from {plan.resume} (same layout: weights, optimizer and schedule state)"
     elif reshard:
-        resume_notice = reshard_optimizer(engine, scheduler, plan.resume, ep, info.rank % ep, start_step)
+        resume_notice = reshard_optimizer(engine, scheduler, plan.resume, meta["layout"], ep, info.rank % ep, start_step)
 
     if info.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
-        if plan.resume is None:
+        if plan.resume is None:  # a new run (plan_run refused an existing one unless --overwrite)
             (plan.out / "metrics.jsonl").write_text("")
+            shutil.rmtree(checkpoint_root(plan.out), ignore_errors=True)  # or pruning and --resume auto mix runs
         (plan.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-        (plan.out / "ds_config.json").write_text(json.dumps(_ds_config_for_engine(plan), indent=2))
+        (plan.out / "ds_config.json").write_text(json.dumps(engine_config, indent=2))
     log = MetricsLog(plan.out / "metrics.jsonl", info.is_main, engine.monitor)
     watch, guard = RoutingWatch.from_config(recipe.train, log), NonFiniteGuard.from_config(engine, recipe.train, log)
     for notice in (resume_notice, init_notice if plan.init_from is not None else None):
@@ -271,21 +265,24 @@ def train(plan: Plan) -> dict[str, Any]:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
+    def new_window() -> dict[str, Any]:
+        return {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
+
     step, micro = start_step, 0
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
+    window = new_window()
     routing = RoutingAccumulator()
     digest = None  # [MoE calls] int64, summed over the log window
     final: dict[str, Any] = {}
     train_start = time.time()
     for images, labels, idx in train_loader:
+        first = int(idx[0]) if len(idx) else 0  # read on the host, before the copy to the device
         images, idx = images.to(device), idx.to(device)
-        first = int(idx[0]) if len(idx) else 0
         images, targets = mixup(images, labels.to(device), recipe.model.num_classes, recipe.train.mixup_alpha,
                                 recipe.train.label_smoothing, [recipe.seed, step, rng.SITE_MIXUP, first])
         out = engine(images.to(dtype), sample_ids=idx, step=step, seed=recipe.seed)
         ce = soft_cross_entropy(out.logits, targets)
         loss = ce + aux_w * out.aux_loss
-        bad = _any_rank(not bool(torch.isfinite(loss.detach())))
+        bad = any_rank(not bool(torch.isfinite(loss.detach())))
         stop = guard.stop_reason(step) if bad else None  # train.nan_policy (metrics.NonFiniteGuard)
         if stop:
             raise TrainingError(stop)
@@ -313,12 +310,12 @@ def train(plan: Plan) -> dict[str, Any]:
             d = route_digest(out.routing, idx)
             digest = d if digest is None else digest + d
         micro += 1
-        if micro % layout.grad_accum:
+        if not boundary:
             continue
         step += 1
         if bar is not None:
             bar.update(1)
-        if step % recipe.train.log_interval == 0 or step == total_steps:
+        if log_now:
             n = max(window["n"], 1)  # 0: every micro-batch of the window was skipped (train.nan_policy=skip)
             loss_avg, aux_avg, imgs = all_reduce_mean([window["loss"] / n, window["aux"] / n, float(window["images"])])
             elapsed = time.time() - window["t0"]
@@ -335,10 +332,11 @@ def train(plan: Plan) -> dict[str, Any]:
             watch.update(step, r)  # routing warnings
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{rec['lr']:.2e}")
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0}
+            window = new_window()
             routing = RoutingAccumulator()
             digest = None
         maybe_fault("train", step, info.rank)
+        paused = time.time()  # saving and evaluating do not count in the window's images/s
         every = recipe.checkpoint.every_steps
         if every and step % every == 0 and step < total_steps:
             save_checkpoint(engine, plan.out, recipe, step, run_layout, recipe.checkpoint.keep_last)
@@ -349,6 +347,7 @@ def train(plan: Plan) -> dict[str, Any]:
             log.write(final, prefix="Eval")
             if bar is not None:
                 bar.set_postfix(top1=f"{result['top1']:.4f}")
+        window["t0"] += time.time() - paused
         if step >= total_steps:
             break
     if bar is not None:

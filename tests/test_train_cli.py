@@ -56,6 +56,26 @@ def test_an_existing_run_is_not_overwritten_without_the_flag(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.moe.expert_dim=64", "checkpoint.keep_last=1",
+        "checkpoint.every_steps=2", "train.eval_interval=100"]
+
+
+@pytest.mark.timeout(300)
+def test_overwrite_deletes_the_old_runs_checkpoints_and_only_overwrite_does(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    out = tmp_path / "run"
+    run_train("python", 1, RECIPE, ds, out, TINY + ["schedule.max_steps=4"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step4"]
+    (out / "metrics.jsonl").unlink()  # checkpoints alone still make it a run that is not overwritten silently
+    res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out), *TINY])
+    assert_one_line_error(res, "--overwrite")
+    assert (out / "checkpoints" / "step4" / "complete").exists()
+    # with the flag: a new run whose keep_last pruning and --resume auto cannot pick the old step4
+    run_train("python", 1, RECIPE, ds, out, TINY + ["schedule.max_steps=2", "--overwrite"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step2"]
+    assert (out / "checkpoints" / "step2" / "complete").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bad_input_under_the_deepspeed_launcher_is_still_one_line(tmp_path):

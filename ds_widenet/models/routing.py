@@ -78,10 +78,10 @@ class PaperGate(TopKGate):
 
     def logits(self, x: Tensor, depth: int) -> Tensor:
         e = self.wg.out_features // self.num_depths
-        w = self.wg.weight.float()
+        w = self.wg.weight
         if self.num_depths > 1:
-            w = w[depth * e:(depth + 1) * e]
-        return F.linear(x.float(), w)
+            w = w[depth * e:(depth + 1) * e]  # slice before the cast: only this depth's matrix
+        return F.linear(x.float(), w.float())
 
     def forward(self, input: Tensor, used_token: Optional[Tensor] = None, sparse_routes: bool = False,
                 use_tutel: bool = False):  # type: ignore[override]
@@ -195,10 +195,12 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
         idx = torch.where(used, idx, torch.full_like(idx, -1))
         n_tokens = used.sum()
     else:
-        n_tokens = torch.tensor(s, device=idx.device)
+        n_tokens = torch.full((), s, dtype=torch.long, device=idx.device)
     n_routes = n_tokens * k
     kept = idx >= 0
-    expert_tokens = torch.bincount(idx[kept], minlength=num_experts).float()
+    # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
+    expert_tokens = torch.zeros(num_experts, device=idx.device).index_add_(
+        0, idx.clamp(min=0).flatten(), kept.flatten().float())
     dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
     return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
                         expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
