@@ -192,6 +192,9 @@ class TrainConfig:
     log_interval: int = 20  # optimizer steps between metrics.jsonl lines
     eval_interval: int = 0  # optimizer steps between evaluations; 0 -> once per epoch
     progress_bar: str = "auto"  # auto (rank 0 on a terminal) | on | off
+    # Rank 0's stdout: "text" (one line per log step / evaluation / warning / event, for log
+    # files), "json" (the metrics.jsonl records), "off". A terminal gets the progress bar instead.
+    log_format: str = "text"
     # Routing warnings: {"step", "warning"} records in metrics.jsonl, printed on rank 0; one per
     # episode (issued again only after the condition has cleared).
     warn_min_expert_share: float = 0.05  # an expert under this share of a depth's routes (uniform: 1/E); 0 = off
@@ -203,6 +206,10 @@ class TrainConfig:
     nan_max_consecutive_skips: int = 10  # skip: stop the run after this many skipped steps in a row
 
     def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json", "off"):
+            raise ConfigError(f"train.log_format={self.log_format!r}: use text, json or off")
+        if self.progress_bar not in ("auto", "on", "off"):
+            raise ConfigError(f"train.progress_bar={self.progress_bar!r}: use auto, on or off")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"train.nan_policy={self.nan_policy!r}: use 'stop' or 'skip'")
         if not 0.0 <= self.warn_min_expert_share < 1.0:
