@@ -1,13 +1,13 @@
 """The distributed-equivalence table: 2 processes against the exact reference, one process
 accumulating the same micro-batches (micro-batch r = rank r's shard), for ZeRO 0/1/2 x ep_size
 1/2 (AdamW) and the ZeRO-aware LAMB, with router noise, token drops, the aux loss and gradient
-clipping all occurring; plus the negative controls (ds_widenet.testing) that must break it.
+clipping all occurring; plus the negative controls (tests/support/trainer.py) that must break it.
 
     python bench/equivalence.py [--steps 30] [--json bench/results/equivalence.json]
 
 Columns: max per-step |loss diff| / |loss|, final max |param diff| / max |param| (from the
 checkpoints' fp32 shards), whether every step's expert choices at every depth are identical
-(metrics' route_digest), and the gap to one process running the whole global batch at once
+(tests/support/trainer.py's route_digest: these runs use the instrumented entry point tests.support.train), and the gap to one process running the whole global batch at once
 (reported, not a bound: capacity and the aux loss are per rank there).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def tiny(steps: int) -> list[str]:
 
 
 def env(control: Optional[str] = None) -> dict[str, str]:
-    from ds_widenet.testing import child_env
+    from tests.support.launch import child_env
 
     e = child_env(ROOT)
     e.pop("DS_WIDENET_NEGATIVE_CONTROL", None)
@@ -61,10 +61,10 @@ def launch(nproc: int, ds: Path, out: Path, overrides: list[str], control: Optio
     from ds_widenet.distributed import free_port
 
     port = free_port()
-    args = ["-m", "ds_widenet.train", "--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out), *overrides]
+    args = ["-m", "tests.support.train", "--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(out), *overrides]
     cmd = [sys.executable, *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", *args]
-    from ds_widenet.testing import run_with_deadline
+    from tests.support.launch import run_with_deadline
 
     res = run_with_deadline(cmd, env(control), ROOT, 600)
     if res.returncode != 0:
@@ -82,7 +82,8 @@ def train_rows(out: Path) -> dict[int, dict[str, Any]]:
 
 
 def final_weights(out: Path) -> dict[str, Any]:
-    from ds_widenet.checkpoint import complete_checkpoints, read_shards
+    from ds_widenet.checkpoint import complete_checkpoints
+    from ds_widenet.reshard import read_shards
 
     return read_shards(complete_checkpoints(out / "checkpoints")[-1], "weights")[0]
 

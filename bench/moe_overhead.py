@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.flops import param_split, step_flops  # noqa: E402
+from ds_widenet.flops import param_split, step_flops  # noqa: E402
 
 DEFAULT_VARIANTS = ("widenet", "widenet-cf1", "widenet-dsgate", "vit-moe", "dense-eq")
 DEFAULT_BATCH = {"digits": 64, "cifar": 16}  # 1024 tokens per step either way

@@ -57,7 +57,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.flops import activation_bytes, capacity, moe_calls, param_split, step_flops, tokens_per_image  # noqa: E402
+from ds_widenet.flops import activation_bytes, capacity, moe_calls, param_split, step_flops, tokens_per_image  # noqa: E402
 
 GiB = 1024 ** 3
 
@@ -318,7 +318,7 @@ def sweep_points(max_world: int = 2, num_experts: int = 4) -> list[tuple[int, in
 def launch_point(world: int, ep: int, zero: int, preset: str, micro: int, steps: int, warmup: int,
                  overrides: Sequence[str], out: Path, profile: int, timeout: float = 600) -> dict[str, Any]:
     from ds_widenet.distributed import free_port
-    from ds_widenet.testing import child_env, run_with_deadline
+    from tests.support.launch import child_env, run_with_deadline
 
     port = free_port()
     env = child_env(common.ROOT, timeout_s=300, MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")

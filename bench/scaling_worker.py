@@ -219,7 +219,7 @@ def main() -> int:
     dist.barrier()
     hwm_ok = reset_peak_rss()
     rss_before = rss()
-    from bench.flops import activation_bytes
+    from ds_widenet.flops import activation_bytes
 
     saved: dict[int, int] = {}
 

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.flops import param_split, step_flops  # noqa: E402
+from ds_widenet.flops import param_split, step_flops  # noqa: E402
 
 
 def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int = 10, warmup: int = 3,

@@ -202,3 +202,35 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
 
 def env_summary(env: Mapping[str, str]) -> str:
     return " ".join(f"{k}={env.get(k)}" for k in LAUNCHER_VARS)
+
+
+# --------------------------------------------------------------------------------------------
+# Small CPU-side collectives for the trainer's bookkeeping (metrics, flags)
+
+
+def dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (a collective when torch.distributed is up)."""
+    import torch.distributed as dist
+
+    if dist_world() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """The mean over ranks of a few host floats (one float64 all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist_world() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()

@@ -17,8 +17,7 @@ from torch import nn
 
 from .config import ConfigError, OptimConfig, ScheduleConfig
 
-# Substrings of parameter names that are embeddings, not weights: decaying them pulls positions and
-# the class token towards zero, which ViT recipes avoid.
+# For a model without timm's `no_weight_decay()`: the embeddings, which ViT recipes do not decay.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
@@ -27,7 +26,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Two base groups, named ``decay`` (matrices and convolution kernels: ``weight_decay``, LAMB trust
     ratio on) and ``no_decay`` (biases, norm weights, ``pos_embed``, ``cls_token``: no weight decay,
-    no trust ratio, the LAMB paper's convention). DeepSpeed's splitter then moves expert parameters
+    no trust ratio, the LAMB paper's convention; the embeddings come from the model's timm-style
+    ``no_weight_decay()``). DeepSpeed's splitter then moves expert parameters
     (``allreduce=False``) of each base group into groups with ``moe=True`` whose ``name`` is the
     expert group name (e.g. ``ep_size_2``) — DeepSpeed looks the expert data-parallel group up by that
     name, so the ``decay`` and ``no_decay`` expert groups share it. The splitter copies every other
@@ -37,10 +37,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set(_NO_DECAY_NAMES)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and not any(s in name for s in _NO_DECAY_NAMES):
+        if p.ndim >= 2 and name not in skip:
             decay.append(p)
         else:
             no_decay.append(p)
@@ -97,18 +98,19 @@ class Lamb(torch.optim.Optimizer):
 
     def attach_zero_partitions(self, zero_optimizer: Any) -> None:
         """Learn DeepSpeedZeroOptimizer's (ZeRO 1/2) flat-partition layout from each parameter's
-        `_hp_mapping` (its fragment's place in this rank's partition)."""
-        flats = zero_optimizer.single_partition_of_fp32_groups
-        for flat, lps in zip(flats, zero_optimizer.bit16_groups):
+        ZeRO fragment (its place in this rank's partition; deepspeed_internals.fragment)."""
+        from . import deepspeed_internals as dsi
+
+        for flat, lps in dsi.zero_partitions(zero_optimizer):
             n = len(lps)
             owner = torch.full((flat.numel(),), n, dtype=torch.long, device=flat.device)
             group = None
             for j, lp in enumerate(lps):
-                group = getattr(lp, "_dp_group", group)
-                hm = getattr(lp, "_hp_mapping", None)
-                if hm is not None:
-                    a = hm.hp_fragment_address
-                    owner[a.start:a.start + a.numel] = j
+                group = dsi.param_dp_group(lp, group)
+                frag = dsi.fragment(lp)
+                if frag is not None:
+                    hp_start, _, numel = frag
+                    owner[hp_start:hp_start + numel] = j
             self._partitions[id(flat)] = (owner, n, group)
 
     def _trust_ratio(self, p: torch.Tensor, update: torch.Tensor, max_ratio: Optional[float]) -> torch.Tensor:
@@ -231,7 +233,8 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     gradients of its own experts, so their squares are summed over the expert-parallel group.
     DeepSpeed's ZeRO-0 clipping instead averages per-rank norms (DeepSpeed #8475)."""
     import torch.distributed as dist
-    from deepspeed.utils import groups
+
+    from . import deepspeed_internals as dsi
 
     # squares summed on the gradients' device in parameter order, then read back in one copy
     dense: Optional[torch.Tensor] = None
@@ -240,8 +243,9 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
         if p.grad is None:
             continue
         sq = p.grad.detach().double().pow(2).sum()
-        if getattr(p, "allreduce", True) is False:
-            experts[p.group_name] = experts[p.group_name] + sq if p.group_name in experts else sq
+        if dsi.is_expert_param(p):
+            name = dsi.expert_group_name(p)
+            experts[name] = experts[name] + sq if name in experts else sq
         else:
             dense = sq if dense is None else dense + sq
     names = sorted(experts)
@@ -252,7 +256,7 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     for i, name in enumerate(names, start=1):
         sq = host[i].clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
+            dist.all_reduce(sq, group=dsi.expert_parallel_group(name))
         total = total + sq
     return total.sqrt()
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .metrics import read_metrics, split_metrics
+from .runlog import read_metrics, split_metrics
 
 
 class ReportError(RuntimeError):

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
-from ds_widenet import testing  # noqa: E402
-from bench.flops import activation_bytes, capacity, measure_saved_bytes, step_flops  # noqa: E402
+from tests.support import launch as testing  # noqa: E402
+from ds_widenet.flops import activation_bytes, capacity, measure_saved_bytes, step_flops  # noqa: E402
 
 torch = common.torch
 

@@ -382,7 +382,7 @@ def test_loader_workers_end_when_their_trainer_is_killed(tmp_path):
     import sys
     from pathlib import Path
 
-    from ds_widenet.testing import process_alive
+    from tests.support.launch import process_alive
 
     root = Path(__file__).resolve().parents[1]
     owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], cwd=tmp_path, stdout=subprocess.PIPE, text=True,

@@ -18,8 +18,8 @@ import torch
 
 import ds_widenet  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
 from ds_widenet.config import ConfigError, ModelConfig, MoEConfig, load_recipe
-from ds_widenet.metrics import (MetricsLog, RoutingAccumulator, RoutingWatch, monitor_events, read_metrics,
-                                route_changes, split_metrics)
+from ds_widenet.routing_stats import RoutingAccumulator, RoutingWatch, route_changes
+from ds_widenet.runlog import MetricsLog, monitor_events, read_metrics, split_metrics
 from ds_widenet.models import RoutingStats, build_model
 from tests.distributed.launch import ROOT, child_env, write_ds_config
 
@@ -308,7 +308,9 @@ SKIP_SCRIPT = textwrap.dedent('''
     import deepspeed
     from ds_widenet.config import ModelConfig, MoEConfig, OptimConfig, ScheduleConfig
     from ds_widenet.distributed import init_distributed
-    from ds_widenet.metrics import MetricsLog, NonFiniteGuard, _innermost_optimizer
+    from ds_widenet.deepspeed_internals import innermost_optimizer as _innermost_optimizer
+    from ds_widenet.guards import NonFiniteGuard
+    from ds_widenet.runlog import MetricsLog
     from ds_widenet.models import build_model
     from ds_widenet.optim import build_optimizer, build_scheduler, param_groups
 
@@ -406,7 +408,8 @@ def test_skip_policy_leaves_weights_and_optimizer_state_exactly_as_if_the_step_n
 
 TRAIN_WITH_NAN = textwrap.dedent('''
     import sys
-    import ds_widenet.train as T
+    import ds_widenet.trainer as T
+    from ds_widenet.train import main
 
     calls = {"n": 0}
     orig = T.soft_cross_entropy
@@ -417,7 +420,7 @@ TRAIN_WITH_NAN = textwrap.dedent('''
         return loss * float("nan") if calls["n"] == 7 else loss
 
     T.soft_cross_entropy = poisoned
-    sys.exit(T.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
 ''')
 
 
@@ -451,7 +454,18 @@ def test_a_short_run_logs_per_depth_routing_warns_and_skips_a_nan_step(tmp_path)
     texts = {w["step"]: w["warning"] for w in warnings}
     assert "drop rate above 0.3" in texts[5]
     assert "optimizer step 4 is skipped on every rank" in texts[4]
-    assert "warning: step 4: non-finite loss" in res.stderr
+    # stdout is a pipe here, as in a cluster job's log file: one line per log step, evaluation and
+    # warning (train.log_format=text, the default), then the final JSON line
+    lines = res.stdout.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith("step ")] == \
+        ["step 5/20 (25%) epoch 0.23", "step 10/20 (50%) epoch 0.45", "step 15/20 (75%) epoch 0.68",
+         "step 20/20 (100%) epoch 0.91"]
+    assert all(" img/s" in ln and " ETA " in ln and "min expert share" in ln and "max drop" in ln
+               for ln in lines if ln.startswith("step 1"))  # ETA from the second log step on
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith("eval ")] == ["eval step 10 epoch 0.45",
+                                                                           "eval step 20 epoch 0.91"]
+    assert any(ln.startswith("warning at step 4: non-finite loss") for ln in lines)
+    assert json.loads(lines[-1])["step"] == 20
     assert [r["step"] for r in evals] == [10, 20]
     for r in evals:
         assert len(r["eval_route_change"]) == 5 and all(0 <= v <= 1 for v in r["eval_route_change"])

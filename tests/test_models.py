@@ -210,13 +210,38 @@ def test_per_depth_gate_holds_one_matrix_per_depth_and_uses_it():
     assert not torch.equal(before[1], after[1])
 
 
-def test_deepspeed_router_option_uses_deepspeeds_topkgate_unmodified():
+def test_deepspeed_router_is_deepspeeds_topkgate_sampling_in_training_only():
     from deepspeed.moe.sharded_moe import TopKGate
 
+    from ds_widenet.models import DeepSpeedGate
+
     model = model_of(tiny(router="deepspeed"))
-    assert type(model.moe.gate) is TopKGate
+    gate = model.moe.gate
+    assert type(gate) is DeepSpeedGate and type(gate).__mro__[1] is TopKGate
+    assert type(gate).forward is not TopKGate.forward and gate.top2_2nd_expert_sampling
     out = model.train()(images())
     assert len(out.routing) == 3
+    # evaluation is deterministic: DeepSpeed's Gumbel sampling of the second expert would redraw
+    # from torch's global generator at every call
+    model.eval()
+    x = images()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert all(torch.equal(r.expert_index, s.expert_index) for r, s in zip(a.routing, b.routing))
+    assert torch.equal(a.logits, b.logits)
+    assert gate.top2_2nd_expert_sampling  # restored after the call
+
+
+def test_deepspeeds_unmodified_topkgate_is_random_in_evaluation():
+    # the reason for DeepSpeedGate: if this ever passes unmodified, the subclass can go
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    gate = TopKGate(16, 4, k=2, min_capacity=1, top2_2nd_expert_sampling=True).eval()
+    x = torch.randn(64, 16)
+    runs = [gate(x, None, True, False)[3] for _ in range(4)]
+    assert any(not torch.equal(runs[0], r) for r in runs[1:])
 
 
 def test_presets_table_cli_prints_json_with_name_and_params():
@@ -230,3 +255,31 @@ def test_presets_table_cli_prints_json_with_name_and_params():
     assert set(by_name) == set(PRESETS)
     assert abs(by_name["widenet-l"]["params"] / 1e6 - 40) / 40 < 0.03
     assert get_preset("widenet-b").moe.k == 2
+
+
+@pytest.mark.parametrize("arch", ["widenet", "vit", "vit_moe"])
+def test_timm_conventions_no_weight_decay_grad_checkpointing_and_reset_classifier(arch):
+    from ds_widenet.optim import param_groups
+
+    cfg = tiny() if arch == "widenet" else replace(tiny(), arch=arch, pool="cls", moe_last_n=1)
+    model = model_of(cfg)
+    skip = model.no_weight_decay()
+    assert "pos_embed" in skip and (("cls_token" in skip) == (cfg.pool == "cls"))
+    groups = param_groups(model, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.pos_embed) not in decayed and id(model.attn_norms[0].weight if arch == "widenet"
+                                                    else model.blocks[0].norm1.weight) not in decayed
+    assert not model.grad_checkpointing
+    model.set_grad_checkpointing(True)
+    x = images()
+    model.train()(x).logits.sum().backward()  # runs through torch.utils.checkpoint
+    model.reset_classifier(3)
+    assert model(x).logits.shape == (x.shape[0], 3) and model.cfg.num_classes == 3
+    assert torch.count_nonzero(model.head.weight) == 0
+
+
+def test_widenet_and_vit_share_one_depth_loop():
+    from ds_widenet.models import ViT, WideNet
+    from ds_widenet.models.base import VisionBackbone
+
+    assert WideNet.forward_features is VisionBackbone.forward_features is ViT.forward_features

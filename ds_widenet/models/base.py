@@ -6,26 +6,20 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from .. import deepspeed_internals as dsi
 from .. import rng
 from ..config import ModelConfig
 from .layers import MoEFFN, PatchEmbed, _dropout
-from .routing import RouteKey, RoutingStats
-
-
-@dataclass
-class ModelOutput:
-    """logits [B, classes]; aux_loss: the balance loss summed over every MoE call (unweighted; the
-    recipe's model.moe.aux_loss_weight multiplies it); routing: one RoutingStats per MoE call, in
-    depth order (WideNet: one per depth; ViT-MoE: one per MoE block; ViT: empty)."""
-
-    logits: Tensor
-    aux_loss: Tensor
-    routing: list[RoutingStats] = field(default_factory=list)
+from ..routing_core import ModelOutput, RouteKey, RoutingStats  # noqa: F401
 
 
 class VisionBackbone(nn.Module):
-    """Embedding and head around a `forward_features` that subclasses define (timm's split)."""
+    """Embedding, THE depth loop and the head; subclasses say what depth i is (`depth_block`).
+
+    timm's conventions: `forward_features` / `forward_head`, `no_weight_decay()`,
+    `set_grad_checkpointing()`, `reset_classifier()`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -38,6 +32,24 @@ class VisionBackbone(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.pre_logits = nn.Sequential(nn.Linear(d, d), nn.Tanh()) if cfg.pre_logits else nn.Identity()
         self.head = nn.Linear(d, cfg.num_classes)
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that are embeddings, not weights: decaying them pulls positions and the class
+        token towards zero, which ViT recipes avoid (optim.param_groups reads this)."""
+        return {"pos_embed"} | ({"cls_token"} if self.cls_token is not None else set())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each depth in backward (the memory lever); keyed randomness makes the recompute
+        take the same routing decisions and dropout masks as the forward."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised head for `num_classes` classes (fine-tuning)."""
+        self.head = nn.Linear(self.cfg.embed_dim, num_classes, device=self.head.weight.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.cfg.num_classes = num_classes
 
     def embed(self, x: Tensor, key: Optional[RouteKey]) -> Tensor:
         x = self.patch_embed(x)
@@ -46,9 +58,28 @@ class VisionBackbone(nn.Module):
         x = x + self.pos_embed
         return _dropout(x, self.cfg.dropout, self.training, key, 0, rng.SITE_EMBED_DROP)
 
+    def depth_block(self, i: int, x: Tensor, key: Optional[RouteKey], used_token: Optional[Tensor]
+                    ) -> tuple[Tensor, Optional[Tensor], Optional[RoutingStats]]:
+        """Depth i: (x, its MoE aux loss, its RoutingStats), or None for both where depth i is dense."""
+        raise NotImplementedError
+
     def forward_features(self, x: Tensor, key: Optional[RouteKey] = None,
                          used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-        raise NotImplementedError
+        """Tokens after every depth, the aux loss summed over MoE calls, one RoutingStats per call."""
+        x = self.embed(x, key)
+        aux = x.new_zeros((), dtype=torch.float32)
+        routing: list[RoutingStats] = []
+        for i in range(self.cfg.depth):
+            if self.grad_checkpointing and self.training:
+                # Router noise and dropout are keyed by (step, depth, sample), so the recompute
+                # in backward makes the same routing decisions as this forward.
+                x, aux_i, stats = checkpoint(self.depth_block, i, x, key, used_token, use_reentrant=False)
+            else:
+                x, aux_i, stats = self.depth_block(i, x, key, used_token)
+            if stats is not None:
+                aux = aux + aux_i
+                routing.append(stats)
+        return x, aux, routing
 
     def forward_head(self, x: Tensor) -> Tensor:
         x = self.norm(x)
@@ -75,7 +106,7 @@ class VisionBackbone(nn.Module):
         does not depend on ep_size), then each expert from its global id."""
         g = torch.Generator().manual_seed(int(seed))
         for name, p in self.named_parameters():
-            if getattr(p, "allreduce", True) is False or p.device.type == "meta":
+            if dsi.is_expert_param(p) or p.device.type == "meta":
                 continue  # expert parameters: below
             if name.endswith("pos_embed"):
                 p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02, generator=g))

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..config import MoEConfig
-from .routing import PaperGate, RouteKey, RoutingStats, gate_entropy, route_context, stats_from_routes
+from .. import deepspeed_internals as dsi
+from .routing import DeepSpeedGate, PaperGate, RouteKey, RoutingStats, gate_entropy, route_context, stats_from_routes
 
 
 class PatchEmbed(nn.Module):
@@ -104,20 +105,25 @@ class MoEFFN(nn.Module):
                        eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
                        drop_tokens=cfg.drop_tokens, use_rts=False, top2_2nd_expert_sampling=True)
         if cfg.router == "paper":
-            self.moe.deepspeed_moe.gate = PaperGate(
+            gate: TopKGate = PaperGate(
                 dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
                 cfg.drop_tokens, cfg.effective_noise_std, num_depths if cfg.per_depth_gate else 1)
+        else:
+            gate = DeepSpeedGate(dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor,
+                                 cfg.min_capacity, noisy_gate_policy=None, drop_tokens=cfg.drop_tokens, use_rts=False,
+                                 top2_2nd_expert_sampling=True)
+        dsi.set_moe_gate(self.moe, gate)
         self._routes: Optional[Tensor] = None
         self._entropy: Optional[Tensor] = None
         self.gate.register_forward_hook(self._capture_routes)
 
     @property
     def gate(self) -> TopKGate:
-        return self.moe.deepspeed_moe.gate
+        return dsi.moe_gate(self.moe)
 
     @property
     def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+        return dsi.moe_local_experts(self.moe)
 
     def _capture_routes(self, module: nn.Module, args: tuple, output: tuple) -> None:
         # MOELayer keeps only l_aux and exp_counts; the per-token routes are what the stats need.

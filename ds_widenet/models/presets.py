@@ -8,6 +8,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .. import deepspeed_internals as dsi
 from ..config import ConfigError, ModelConfig, MoEConfig
 
 
@@ -74,5 +75,5 @@ def count_params(model: nn.Module, ep_size: int = 1) -> int:
     """Unique parameters of the whole model (shared weights once; experts of all ranks)."""
     total = 0
     for p in model.parameters():  # parameters() de-duplicates shared modules
-        total += p.numel() * (ep_size if getattr(p, "allreduce", True) is False else 1)
+        total += p.numel() * (ep_size if dsi.is_expert_param(p) else 1)
     return total

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .base import VisionBackbone
@@ -41,17 +39,6 @@ class ViT(VisionBackbone):
         first_moe = cfg.depth - cfg.moe_last_n if cfg.arch == "vit_moe" else cfg.depth
         self.blocks = nn.ModuleList(Block(cfg, i >= first_moe, ep_size) for i in range(cfg.depth))
 
-    def forward_features(self, x: Tensor, key: Optional[RouteKey] = None,
-                         used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-        x = self.embed(x, key)
-        aux = x.new_zeros((), dtype=torch.float32)
-        routing: list[RoutingStats] = []
-        for i, blk in enumerate(self.blocks):
-            if self.cfg.grad_checkpointing and self.training:
-                x, aux_i, stats = checkpoint(blk, x, i, key, used_token, use_reentrant=False)
-            else:
-                x, aux_i, stats = blk(x, i, key, used_token)
-            if stats is not None:
-                aux = aux + aux_i
-                routing.append(stats)
-        return x, aux, routing
+    def depth_block(self, i: int, x: Tensor, key: Optional[RouteKey], used_token: Optional[Tensor]
+                    ) -> tuple[Tensor, Optional[Tensor], Optional[RoutingStats]]:
+        return self.blocks[i](x, i, key, used_token)

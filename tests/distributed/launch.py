@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ds_widenet import testing
+from tests.support import launch as testing
 from ds_widenet.distributed import free_port  # noqa: F401 (the launcher tests import it from here)
-from ds_widenet.testing import run_with_deadline, signal_group
+from tests.support.launch import run_with_deadline, signal_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ds_widenet.testing import run_with_deadline
+from tests.support.launch import run_with_deadline
 
 from .launch import ROOT, child_env, metrics, run_train, write_ds_config
 
@@ -54,9 +54,10 @@ def test_a_rank_killed_leaves_the_previous_checkpoint_usable_and_the_run_resumab
     args = ["--recipe", str(RECIPE), "--deepspeed_config", str(straight / "ds.json"), "--out", str(out),
             *TINY, "parallel.ep_size=2"]
     env = {**child_env(), "DS_WIDENET_FAULT": fault, "DS_WIDENET_TIMEOUT": "30"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "ds_widenet.train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "tests.support.train", *args]
     res = run_with_deadline(cmd, env, ROOT, 300)
     assert res.returncode != 0
+    assert f"TEST-ONLY SWITCH ACTIVE: fault injection {fault}" in res.stderr  # announced loudly
     ckpts = out / "checkpoints"
     complete = sorted(int(d.name[4:]) for d in ckpts.glob("step*") if (d / "complete").exists())
     assert complete[-1] == last_complete, complete

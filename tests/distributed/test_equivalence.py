@@ -1,7 +1,7 @@
 """Distributed training is the same math: 2 processes against one process accumulating the same
 micro-batches, for ZeRO 0/1/2 x ep_size 1/2 (AdamW) and ZeRO 1/2 x ep_size 2 (the ZeRO-aware
 LAMB), over 30 steps with router noise, token drops, the aux loss and gradient clipping occurring;
-and each negative control (ds_widenet.testing) breaking the bound at least 100x.
+and each negative control (tests/support/trainer.py) breaking the bound at least 100x.
 The runs and the comparison are bench/equivalence.py's, which prints the same table for the docs."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from ds_widenet.testing import DeadlineExceeded, process_alive, run_with_deadline
+from tests.support.launch import DeadlineExceeded, process_alive, run_with_deadline
 
 HANG = textwrap.dedent('''
     import faulthandler, signal, subprocess, sys, time

@@ -1,17 +1,8 @@
-"""Support for the multi-process tests and bench/equivalence.py.
+"""Launching a run from a test or a benchmark, with a deadline and stack dumps.
 
 `run_with_deadline` runs a launcher and everything it starts as one process group: on a hang it
 asks every process for its Python stacks (SIGUSR1, which ds_widenet.train registers), kills the
 group, and reports both, so a stuck CI run says where it stuck and leaves no orphans behind.
-
-Switches that break distributed equivalence on purpose: the negative controls of
-tests/distributed/test_equivalence.py show the equivalence test catches each known MoE bug.
-Set DS_WIDENET_NEGATIVE_CONTROL to one name; never set it in real runs.
-
-* expert_grad_scale   expert gradients multiplied by ep_size (DeepSpeed #5618, #6545)
-* lamb_per_partition  LAMB's trust ratio per ZeRO partition (DeepSpeed #88, #490)
-* clip_avg            DeepSpeed's ZeRO-0 clipping by the average of per-rank norms (#8475)
-* noise_per_rank      router noise from each rank's own generator instead of keyed by sample
 """
 from __future__ import annotations
 
@@ -19,23 +10,14 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
-
-CONTROLS = ("expert_grad_scale", "lamb_per_partition", "clip_avg", "noise_per_rank")
-
-
-def negative_control() -> Optional[str]:
-    name = os.environ.get("DS_WIDENET_NEGATIVE_CONTROL") or None
-    if name is not None and name not in CONTROLS:
-        raise ValueError(f"DS_WIDENET_NEGATIVE_CONTROL={name!r}: use one of {', '.join(CONTROLS)}")
-    return name
+from typing import Mapping, Sequence
 
 
 def child_env(root: Path, timeout_s: float = 90, **extra: str) -> dict[str, str]:
     """The environment for a launch from a test or benchmark: this one without the launcher
     variables a parent run may carry, on the CPU accelerator, one thread per process (two
     multi-threaded processes on 2 cores thrash), `root` importable, a short hang timeout."""
-    from .distributed import LAUNCHER_VARS
+    from ds_widenet.distributed import LAUNCHER_VARS
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1",

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from ds_widenet.config import ModelConfig
+from . import deepspeed_internals as dsi
+from .config import ModelConfig
 
 
 def tokens_per_image(cfg: ModelConfig) -> int:
@@ -130,7 +131,7 @@ def param_split(cfg: ModelConfig) -> dict[str, int]:
     from ds_widenet.models import build_model
 
     model = build_model(cfg, device="meta")
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
+    expert = sum(p.numel() for p in model.parameters() if dsi.is_expert_param(p))
     total = sum(p.numel() for p in model.parameters())
     return {"total": total, "expert": expert, "non_expert": total - expert}
 
@@ -202,3 +203,18 @@ def measure_saved_bytes(model: Any, images: Any) -> int:
     del out
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(v for k, v in seen.items() if k not in params)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(). Used only to print MFU in the training log; benchmarks measure
+# the peak in the same run instead (bench/common.matmul_peak).
+_KNOWN_BF16_PEAKS = (("H200", 989e12), ("H100 SXM", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+                     ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("V100", 125e12))
+
+
+def known_peak_flops(device_name: str) -> Optional[float]:
+    """The data-sheet dense bf16 peak of a GPU by name, or None (CPUs, unknown devices)."""
+    for key, peak in _KNOWN_BF16_PEAKS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None

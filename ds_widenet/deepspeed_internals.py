@@ -1,0 +1,200 @@
+"""Every DeepSpeed internal the project touches, in one place.
+
+DeepSpeed's public API does not cover what an MoE trainer needs: the gate and local experts
+inside `deepspeed.moe.layer.MoE`, the expert groups' ranks, the flat ZeRO partitions behind each
+parameter (`_hp_mapping`), the fp32 copies of the unfused fp16/bf16 optimizer, the torch
+optimizer inside its wrappers. Reading them anywhere else would scatter assumptions about one
+DeepSpeed minor version over the code; here they are few, named, and pinned by
+tests/test_deepspeed_contract.py (and requirements.txt pins the minor version).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Local experts of a DeepSpeed MoE layer live under `...experts.deepspeed_experts.<local id>.`.
+LOCAL_EXPERT_RE = re.compile(r"(deepspeed_experts\.)(\d+)(\.)")
+
+
+# --------------------------------------------------------------------------------------------
+# The MoE layer
+
+
+def moe_gate(moe: nn.Module) -> nn.Module:
+    """The gate (a TopKGate) of a `deepspeed.moe.layer.MoE`."""
+    return moe.deepspeed_moe.gate
+
+
+def set_moe_gate(moe: nn.Module, gate: nn.Module) -> None:
+    """Replace the gate of a `deepspeed.moe.layer.MoE` (MOELayer calls it positionally)."""
+    moe.deepspeed_moe.gate = gate
+
+
+def moe_local_experts(moe: nn.Module) -> nn.ModuleList:
+    """This rank's experts of a `deepspeed.moe.layer.MoE` (local ids 0..E/ep_size-1)."""
+    return moe.deepspeed_moe.experts.deepspeed_experts
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """DeepSpeed marks expert parameters `allreduce=False` (reduced over the expert-data group)."""
+    return getattr(p, "allreduce", True) is False
+
+
+def expert_group_name(p: torch.Tensor) -> str:
+    """The expert-parallel group an expert parameter belongs to, e.g. 'ep_size_2'."""
+    return p.group_name
+
+
+def expert_group_size(p: torch.Tensor) -> int:
+    return int(expert_group_name(p).split("_")[-1])
+
+
+def expert_parallel_rank(group_name: str) -> int:
+    """This rank's place in its expert-parallel group (which slice of the experts it holds)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_rank(group_name) if dist.is_initialized() else 0
+
+
+def expert_data_parallel_rank(group_name: str) -> int:
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(group_name) if dist.is_initialized() else 0
+
+
+def expert_parallel_group(group_name: str) -> Any:
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(group_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer wrappers and ZeRO partitions
+
+
+def basic_optimizer(engine: Any) -> Optional[torch.optim.Optimizer]:
+    """The optimizer the project handed to deepspeed.initialize."""
+    return getattr(engine, "basic_optimizer", None)
+
+
+def innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, BF16_Optimizer, FP16_Optimizer)."""
+    seen = 0
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer") and seen < 8:
+        opt, seen = opt.optimizer, seen + 1
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(opt).__name__}")
+    return opt
+
+
+def has_zero_partitions(zero_optimizer: Any) -> bool:
+    """Whether the wrapper is DeepSpeedZeroOptimizer (ZeRO 1/2) with flat fp32 partitions."""
+    return hasattr(zero_optimizer, "single_partition_of_fp32_groups") and hasattr(zero_optimizer, "bit16_groups")
+
+
+def zero_partitions(zero_optimizer: Any) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(this rank's flat fp32 partition, the low-precision params of that group) per group."""
+    yield from zip(zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups)
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-1/2 or BF16_Optimizer parameter (its fp32 master is split over ranks)."""
+    return hasattr(p, "_hp_mapping")
+
+
+def fragment(p: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(start in the flat partition, start in the flattened param, length) of this rank's part of
+    `p`, or None where this rank holds none of it."""
+    hm = getattr(p, "_hp_mapping", None)
+    if hm is None:
+        return None
+    return hm.hp_fragment_address.start, hm.lp_fragment_address.start, hm.lp_fragment_address.numel
+
+
+def param_dp_group(p: torch.Tensor, default: Any = None) -> Any:
+    """The data-parallel group over which a partitioned parameter is split."""
+    return getattr(p, "_dp_group", default)
+
+
+def full_fp32_master(engine: Any, p: torch.nn.Parameter) -> torch.Tensor:
+    """The full fp32 master of `p` under any ZeRO stage / precision (a collective for partitioned
+    params: every rank calls it, in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if is_partitioned(p):
+        return safe_get_full_fp32_param(p)
+    hp = unfused_master(engine, p)
+    return (hp if hp is not None else p).detach().float()
+
+
+def full_optimizer_state(p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """The full optimizer state `key` of a partitioned param (a collective over its dp group).
+
+    As DeepSpeed's safe_get_full_optimizer_state, except that a rank whose partition has no state
+    for the key (AdamW creates none for a partition that never had a gradient) contributes zeros
+    instead of raising before the collective, which would leave the other ranks hanging in it."""
+    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    hm = p._hp_mapping
+    if hm is not None:
+        frag = (hm.optim_fragment or {}).get(key)
+        if frag is not None:
+            buf.narrow(0, hm.lp_fragment_address.start, hm.lp_fragment_address.numel).copy_(frag.data.flatten())
+    dist.all_reduce(buf, group=p._dp_group)
+    return buf.view(p.shape)
+
+
+def unfused_master(engine: Any, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """ZeRO-0 with bf16/fp16: DeepSpeed's (Unfused)FP16 optimizer keeps fp32 copies group by group."""
+    opt = engine.optimizer
+    for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is p:
+                return hp
+    return None
+
+
+def optimizer_state_owner(engine: Any, p: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor the torch optimizer keys `p`'s state by when `p` is not partitioned (ZeRO-0)."""
+    hp = unfused_master(engine, p)
+    return hp if hp is not None else p
+
+
+@contextlib.contextmanager
+def optimizer_update_skipped(engine: Any) -> Iterator[None]:
+    """Within the block, `engine.step()` runs without the torch optimizer's update: DeepSpeed has no
+    "skip this step" call outside its fp16 overflow path. ZeRO/BF16 wrappers copy back their
+    unchanged fp32 masters and the engine zeroes the gradients; the LR scheduler still advances.
+    `engine.skipped_steps` counts the skip, as DeepSpeed's own overflow skips do."""
+    opt = innermost_optimizer(engine.optimizer)
+    had_attr = "step" in opt.__dict__
+    original = opt.__dict__.get("step")
+
+    def no_update(*args: Any, **kwargs: Any) -> None:
+        opt._opt_called = True  # type: ignore[attr-defined]  # keeps torch's LR-scheduler order check quiet
+
+    no_update._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    opt.step = no_update  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if had_attr:
+            opt.step = original  # type: ignore[method-assign]
+        else:
+            del opt.step
+    engine.skipped_steps += 1
+
+
+def gradient_loss_scale(engine: Any) -> float:
+    """The factor the module's gradients carry before DeepSpeed unscales them: fp16's current
+    dynamic (or static) loss scale on ZeRO-0, 1.0 otherwise. A norm read off `p.grad` must be
+    divided by it to be the true gradient norm."""
+    if not engine.fp16_enabled():
+        return 1.0
+    cfg = getattr(engine.optimizer, "loss_scale_config", None)
+    scale = getattr(cfg, "cur_scale", None)
+    return float(scale) if scale is not None else 1.0

@@ -1,0 +1,125 @@
+"""Routing arithmetic and model outputs in plain PyTorch (no DeepSpeed import).
+
+Shared by the DeepSpeed gates (models/routing.py) and the standalone inference model
+(standalone.py), so an exported model routes exactly as it was trained and evaluated:
+the paper's top-k with capacity, the router entropy, per-call routing statistics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class RouteKey:
+    """What keyed randomness needs from the training loop: the seed, the optimizer step and the
+    global id of each sample of the micro-batch ([B], int64)."""
+
+    seed: int
+    step: int
+    sample_ids: Tensor
+
+
+@dataclass
+class RoutingStats:
+    """One MoE call (one depth): where the tokens went. `expert_index` is [k, B, T] with -1 for a
+    route dropped by the capacity limit or masked as padding; `expert_tokens` is the number of
+    routes each expert processed ([E]); `dropped` the fraction of routes dropped ([]);
+    `entropy` the router entropy in nats, mean over the used tokens of the entropy of the softmax
+    over experts (the probabilities that routed: with the paper gate's training noise), ln(E) for
+    a uniform router, 0 for a collapsed one; `num_tokens` the number of used (non-padding) tokens."""
+
+    aux_loss: Tensor
+    expert_index: Tensor
+    expert_tokens: Tensor
+    dropped: Tensor
+    entropy: Optional[Tensor] = None
+    num_tokens: Optional[Tensor] = None
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, classes]; aux_loss: the balance loss summed over every MoE call (unweighted; the
+    recipe's model.moe.aux_loss_weight multiplies it); routing: one RoutingStats per MoE call, in
+    depth order (WideNet: one per depth; ViT-MoE: one per MoE block; ViT: empty)."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    routing: list[RoutingStats] = field(default_factory=list)
+
+
+def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
+                  used_token: Optional[Tensor], drop_tokens: bool,
+                  ep_group: Optional[torch.distributed.ProcessGroup] = None):
+    """Top-k routing with plain softmax gate values; returns DeepSpeed's sparse-route tuple
+    (l_aux, capacity, E, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts)."""
+    num_tokens, num_experts = logits.shape
+    probs = F.softmax(logits, dim=1)
+    top_gates, top_idx = probs.topk(k, dim=1)  # [S, k]
+    used = torch.ones(num_tokens, device=logits.device) if used_token is None else used_token.float().reshape(-1)
+    masks = [F.one_hot(top_idx[:, j], num_experts) * used.long().unsqueeze(1) for j in range(k)]  # [S, E] each
+
+    n_used = used.sum().clamp(min=1.0)
+    me = (probs * used.unsqueeze(1)).sum(0) / n_used
+    ce = masks[0].float().sum(0) / n_used
+    l_aux = num_experts * torch.sum(me * ce)
+    exp_counts = sum(m.sum(0) for m in masks).detach()
+
+    if drop_tokens:
+        capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity)
+    else:
+        cap = exp_counts.max().clone()
+        if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:
+            torch.distributed.all_reduce(cap, op=torch.distributed.ReduceOp.MAX, group=ep_group)
+        capacity = max(int(cap), 1)
+
+    indices, locations, gates = [], [], []
+    taken = torch.zeros(num_experts, dtype=torch.long, device=logits.device)
+    for j, mask in enumerate(masks):
+        loc = torch.cumsum(mask, dim=0) - 1 + taken  # first choices queue before second choices
+        taken = taken + mask.sum(0)
+        kept = (mask * (loc < capacity)).sum(1).bool()
+        loc_s = (loc * mask).sum(1)
+        indices.append(torch.where(kept, top_idx[:, j], torch.full_like(top_idx[:, j], -1)))
+        locations.append(torch.where(kept, loc_s, torch.zeros_like(loc_s)))
+        gates.append(top_gates[:, j] * kept)
+    return (l_aux, torch.tensor(capacity), num_experts, torch.stack(indices).to(torch.int32),
+            torch.stack(locations).to(torch.int32), torch.stack(gates), exp_counts)
+
+
+def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+    """Mean over the used tokens of the entropy (nats) of softmax(logits) over experts ([S, E] -> [])."""
+    with torch.no_grad():
+        logp = F.log_softmax(logits.detach().float(), dim=-1)
+        h = -(logp.exp() * logp).sum(-1)
+        if used_token is None:
+            return h.mean()
+        w = used_token.reshape(-1).float()
+        return (h * w).sum() / w.sum().clamp(min=1.0)
+
+
+def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
+                      used_token: Optional[Tensor], entropy: Optional[Tensor] = None) -> RoutingStats:
+    """Per-depth statistics from the gate's sparse routes ([k, S] expert ids, -1 = not routed)."""
+    k, s = indices.shape
+    idx = indices.long()
+    if used_token is not None:
+        used = used_token.reshape(1, s).bool()
+        idx = torch.where(used, idx, torch.full_like(idx, -1))
+        n_tokens = used.sum()
+    else:
+        n_tokens = torch.full((), s, dtype=torch.long, device=idx.device)
+    n_routes = n_tokens * k
+    kept = idx >= 0
+    # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
+    expert_tokens = torch.zeros(num_experts, device=idx.device).index_add_(
+        0, idx.clamp(min=0).flatten(), kept.flatten().float())
+    dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
+    return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
+                        expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
+                        entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach())

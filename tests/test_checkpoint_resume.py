@@ -1,0 +1,113 @@
+"""Saving and choosing a checkpoint to resume from, without processes: the barrier decided on
+rank 0, the manifest, falling back from (or refusing) a damaged checkpoint, pruning."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import ds_widenet  # noqa: F401
+from ds_widenet import checkpoint
+from ds_widenet.checkpoint import MANIFEST, complete_checkpoints, find_checkpoint, save_checkpoint, verify
+from ds_widenet.config import ConfigError, Recipe
+
+
+class FakeEngine:
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        d = Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+
+
+@pytest.fixture
+def as_rank(monkeypatch):
+    """Pretend to be `rank` of a 2-rank job: count barriers, write no shards."""
+    calls = {"barriers": 0}
+
+    def setup(rank: int):
+        monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(checkpoint.dist, "barrier", lambda: calls.__setitem__("barriers", calls["barriers"] + 1))
+        import ds_widenet.reshard as reshard
+
+        monkeypatch.setattr(reshard, "write_shards", lambda engine, d, r: (d / "weights").mkdir(parents=True, exist_ok=True))
+        return calls
+
+    return setup
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("stale_dir_visible", [True, False])
+def test_every_rank_enters_the_same_barriers_whatever_it_sees_of_a_stale_step_directory(tmp_path, as_rank, rank,
+                                                                                        stale_dir_visible):
+    # A rank's view of a crashed save's directory (already deleted by rank 0, or on another
+    # node's disk) must not decide whether it enters a barrier: that hung a resumed run.
+    calls = as_rank(rank)
+    stale = tmp_path / "checkpoints" / "step10"
+    if stale_dir_visible:
+        (stale / "weights").mkdir(parents=True)
+        (stale / "weights" / "rank1.safetensors").write_bytes(b"partial")
+    save_checkpoint(FakeEngine(), tmp_path, Recipe(), 10, {"world": 2})
+    assert calls["barriers"] == 3
+    if rank == 1 and stale_dir_visible:  # only rank 0 deletes
+        assert (stale / "weights" / "rank1.safetensors").exists()
+    if rank == 0:
+        assert not (stale / "weights" / "rank1.safetensors").exists()
+        assert (stale / "complete").exists() and verify(stale) is None
+        files = json.loads((stale / MANIFEST).read_text())["files"]
+        assert files["mp_rank_00_model_states.pt"] == 100 and "meta.json" in files
+
+
+def make_ckpt(root: Path, step: int) -> Path:
+    d = root / "checkpoints" / f"step{step}"
+    (d / "weights").mkdir(parents=True)
+    (d / "weights" / "rank0.safetensors").write_bytes(b"w" * 64)
+    (d / "meta.json").write_text(json.dumps({"step": step, "layout": {}, "model": {}}))
+    files = {str(f.relative_to(d)): f.stat().st_size for f in d.rglob("*") if f.is_file()}
+    (d / MANIFEST).write_text(json.dumps({"files": files}))
+    (d / "complete").write_text("ok\n")
+    return d
+
+
+def test_resume_auto_passes_over_a_truncated_checkpoint_and_leaves_it_as_it_was(tmp_path):
+    make_ckpt(tmp_path, 5)
+    bad = make_ckpt(tmp_path, 10)
+    (bad / "weights" / "rank0.safetensors").write_bytes(b"w" * 10)  # truncated
+    before = {f: f.read_bytes() for f in bad.rglob("*") if f.is_file()}
+    d, notice = find_checkpoint("auto", tmp_path)
+    assert d.name == "step5"
+    assert "rank0.safetensors is truncated (10 of 64 bytes)" in notice and "resuming from" in notice
+    assert {f: f.read_bytes() for f in bad.rglob("*") if f.is_file()} == before
+
+
+def test_resume_from_a_named_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    bad = make_ckpt(tmp_path, 10)
+    (bad / "weights" / "rank0.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"rank0.safetensors is missing: resume from an earlier checkpoint") as e:
+        find_checkpoint(str(bad), tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_auto_with_only_damaged_checkpoints_is_refused(tmp_path):
+    bad = make_ckpt(tmp_path, 10)
+    (bad / MANIFEST).write_text("{not json")
+    with pytest.raises(ConfigError, match="every complete checkpoint .* is damaged"):
+        find_checkpoint("auto", tmp_path)
+
+
+def test_checkpoints_from_before_manifests_are_taken_as_they_are(tmp_path):
+    d = make_ckpt(tmp_path, 3)
+    (d / MANIFEST).unlink()
+    assert find_checkpoint("auto", tmp_path) == (d, None)
+
+
+def test_pruning_keeps_checkpoints_newer_than_the_one_just_saved(tmp_path, as_rank):
+    # after a fallback from a damaged step20, saving step15 must not prune step20 away (nor keep
+    # step20 in place of the new save)
+    as_rank(0)
+    for s in (5, 10, 20):
+        make_ckpt(tmp_path, s)
+    save_checkpoint(FakeEngine(), tmp_path, Recipe(), 15, {"world": 2}, keep_last=1)
+    assert [d.name for d in complete_checkpoints(tmp_path / "checkpoints")] == ["step15", "step20"]
