@@ -13,6 +13,10 @@ A checkpoint directory `<out>/checkpoints/step<N>/` holds
 * `complete`: written by rank 0 after every rank has finished writing (a barrier). Only
   checkpoints with this marker are resumed from; a crash mid-save leaves the previous one.
 
+Nothing complete is deleted except by `checkpoint.keep_last` pruning (of checkpoints older than
+the one just saved): a run that saves a step again (after resuming from an earlier checkpoint)
+first moves the old `step<N>` aside to `step<N>.superseded`, which nothing resumes from.
+
 Every decision that a barrier depends on is taken on rank 0: ranks whose views of the file
 system differ (node-local disks, NFS attribute caches) still enter the same collectives.
 """
@@ -52,8 +56,13 @@ def save_checkpoint(engine: Any, out: Path, recipe: Recipe, step: int, layout: d
     tag = f"step{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     d = root / tag
-    if rank == 0 and d.exists():  # a crashed save of this step: no stale shard or marker may survive
-        shutil.rmtree(d)
+    if rank == 0 and d.exists():
+        if (d / COMPLETE).exists():  # a run resumed from before it saves this step again: keep the old one
+            aside = next(root / f"{tag}.superseded{'' if k == 0 else k}" for k in range(10 ** 6)
+                         if not (root / f"{tag}.superseded{'' if k == 0 else k}").exists())
+            d.rename(aside)
+        else:  # a crashed save of this step: no stale shard or marker may survive
+            shutil.rmtree(d)
     _barrier()  # unconditional: every rank passes it whatever it sees of `d`
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     write_shards(engine, d, rank)

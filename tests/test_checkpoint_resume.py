@@ -111,3 +111,16 @@ def test_pruning_keeps_checkpoints_newer_than_the_one_just_saved(tmp_path, as_ra
         make_ckpt(tmp_path, s)
     save_checkpoint(FakeEngine(), tmp_path, Recipe(), 15, {"world": 2}, keep_last=1)
     assert [d.name for d in complete_checkpoints(tmp_path / "checkpoints")] == ["step15", "step20"]
+
+
+def test_saving_a_step_again_moves_the_complete_one_aside_and_replaces_a_crashed_one(tmp_path, as_rank):
+    as_rank(0)
+    old = make_ckpt(tmp_path, 10)
+    old_bytes = (old / "weights" / "rank0.safetensors").read_bytes()
+    save_checkpoint(FakeEngine(), tmp_path, Recipe(), 10, {"world": 2})
+    aside = tmp_path / "checkpoints" / "step10.superseded"
+    assert (aside / "weights" / "rank0.safetensors").read_bytes() == old_bytes
+    assert [d.name for d in complete_checkpoints(tmp_path / "checkpoints")] == ["step10"]
+    (tmp_path / "checkpoints" / "step10" / "complete").unlink()  # now a crashed save of step 10
+    save_checkpoint(FakeEngine(), tmp_path, Recipe(), 10, {"world": 2})
+    assert not (tmp_path / "checkpoints" / "step10.superseded1").exists()

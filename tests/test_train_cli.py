@@ -111,3 +111,58 @@ def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
     res = run_cli(["--recipe", str(RECIPE), "--deepspeed_config", str(ds), "--out", str(tmp_path / "run"),
                    "optim.lr=1.0e+30", "schedule.warmup_steps=1", "schedule.max_steps=20"])
     assert_one_line_error(res, "non-finite loss", "optim.lr")
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bad_input_against_a_saved_run_is_one_line_and_leaves_every_saved_byte_as_it_was(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
+    out = tmp_path / "run"
+    run_train("python", 1, RECIPE, ds, out, TINY + ["schedule.max_steps=4", "checkpoint.keep_last=0"])
+    ckpts = out / "checkpoints"
+    exp = tmp_path / "m.safetensors"
+    res = subprocess.run([sys.executable, "-m", "ds_widenet.export", str(ckpts), "--out", str(exp)], cwd=ROOT,
+                         env=child_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the damaged inputs, each a copy (the originals are checked below)
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(exp.read_bytes()[: exp.stat().st_size // 2])
+    truncated.with_suffix(".json").write_text(exp.with_suffix(".json").read_text())
+    other = tmp_path / "other.safetensors"  # an export of another architecture
+    other.write_bytes(exp.read_bytes())
+    cfg = json.loads(exp.with_suffix(".json").read_text())
+    cfg["model"]["embed_dim"] = 48
+    other.with_suffix(".json").write_text(json.dumps(cfg))
+    broken_run = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out, broken_run)
+    newest = sorted((broken_run / "checkpoints").glob("step*"), key=lambda d: int(d.name[4:]))[-1]
+    pickle = next(newest.glob("*model_states.pt"))
+    pickle.write_bytes(pickle.read_bytes()[:100])
+    misspelled = tmp_path / "typo.json"
+    misspelled.write_text(json.dumps({**DS_OK, "zero_optimisation": {"stage": 2}}))
+    before = tree_bytes(out)
+    base = ["--recipe", str(RECIPE), "--deepspeed_config", str(ds), *TINY]
+    cases = [
+        (["--out", str(out), "--deepspeed_config", str(misspelled)], ["zero_optimisation", "zero_optimization"]),
+        (["--out", str(broken_run), "--resume", str(newest)], [pickle.name, "truncated"]),
+        (["--out", str(tmp_path / "ft1"), "--init_from", str(truncated)], [truncated.name]),
+        (["--out", str(tmp_path / "ft2"), "--init_from", str(other)], [other.name]),
+        (["--out", str(out)], ["already holds a run"]),
+        (["--out", str(out), "--resume", "auto", "parallel.ep_size=3"], ["ep_size=3"]),
+    ]
+    for extra, needles in cases:
+        res = run_cli([*base, *extra])
+        assert_one_line_error(res, *needles)
+    assert tree_bytes(out) == before
+    # --resume auto over the damaged run falls back to the previous complete checkpoint, with a notice
+    res = run_cli([*base, "--out", str(broken_run), "--resume", "auto", "schedule.max_steps=4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"passed over damaged checkpoint(s): {pickle}" in res.stdout
+    aside = broken_run / "checkpoints" / f"{newest.name}.superseded" / pickle.name
+    assert aside.stat().st_size == 100  # the re-save of that step moved the damaged one aside, byte for byte
