@@ -2,8 +2,9 @@
 [--root DIR] [--eval_capacity_factor F] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch N] [--json]`
 
 Top-1 of an exported model on a test split, and a per-depth routing summary (expert shares, drop
-rate, and how often a token's experts change from one depth to the next). Plain PyTorch: no
-DeepSpeed engine, no torch.distributed.
+rate, and how often a token's experts change from one depth to the next). Runs the standalone
+model (standalone.py) in plain PyTorch: nothing on this path imports DeepSpeed, so it works where
+DeepSpeed is not installed; torch.distributed is never initialised (one process, all experts).
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batch: int = 128,
                       eval_capacity_factor: Optional[float] = None, dtype: str = "fp32") -> dict[str, Any]:
-    """Top-1, loss and per-depth routing of an exported model; `dtype` casts the fp32 weights as a
-    bf16/fp16 engine holds them (the router still computes in fp32, as DeepSpeed's gate does)."""
+    """Top-1, loss and per-depth routing of an exported model (the standalone model, exact padded
+    evaluation as the trainer's); `dtype` casts the fp32 weights as a bf16/fp16 engine holds them
+    (the router still computes in fp32, as DeepSpeed's gate does)."""
     import torch
 
-    from .checkpoint import load_exported
+    from .export import load_exported
     from .data import EvalSampler, build_datasets, build_loader
-    from .metrics import evaluate_loader
+    from .evaluation import evaluate_loader
 
     overrides = {"moe": {"eval_capacity_factor": eval_capacity_factor}} if eval_capacity_factor else None
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -58,10 +60,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     try:
-        from . import select_accelerator
         import torch
 
-        select_accelerator()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.root and not Path(args.root).exists():
             raise ConfigError(f"--root {args.root} does not exist")
