@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from ds_widenet.runlog import Console, MetricsLog, eval_line, read_metrics, train_line
+from ds_widenet.runlog import Console, MetricsLog, eval_line, monitor_events, read_metrics, split_metrics, train_line
 
 TRAIN = {"step": 40, "epoch": 1.818, "loss": 1.23456, "aux_loss": 1.01, "lr": 9.1e-4, "images_per_sec": 955.2,
          "grad_norm": 0.5, "min_expert_share": 0.2134, "drop_rate": [0.01, 0.042, None], "skipped_steps": 0}
@@ -80,3 +80,27 @@ def test_other_ranks_print_nothing(tmp_path):
     log.write(TRAIN)
     log.warn(1, "w")
     assert out.getvalue() == "" and not (tmp_path / "m.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Records and monitors
+
+
+def test_monitor_events_skip_non_numbers_and_booleans():
+    names = [n for n, _, _ in monitor_events({"step": 1, "warning": "x", "flag": True, "nan": float("nan"), "v": 2})]
+    assert names == ["Train/v"]
+
+
+def test_a_resumed_run_replaces_the_steps_it_logged_again():
+    rows = [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 10, "top1": 0.2},
+            {"step": 15, "loss": 1.9}, {"step": 10, "event": "resumed"}, {"step": 15, "loss": 1.5},
+            {"step": 20, "loss": 1.0}, {"step": 12, "warning": "w"}]
+    parts = split_metrics(rows)
+    assert [(r["step"], r["loss"]) for r in parts["train"]] == [(5, 3.0), (10, 2.0), (15, 1.5), (20, 1.0)]
+    assert len(parts["eval"]) == 1 and len(parts["event"]) == 1 and len(parts["warning"]) == 1
+
+
+def test_read_metrics_ignores_a_torn_last_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(p) == [{"step": 1, "loss": 2.0}]
