@@ -15,9 +15,10 @@ import torch
 
 import ds_widenet  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
 from ds_widenet.config import ConfigError, DataConfig, ModelConfig, MoEConfig
-from ds_widenet.export import load_exported, save_export
+from ds_widenet.export import load_exported, save_export, to_clean_names
 from ds_widenet.models import build_model
 from ds_widenet.routing_core import ModelOutput
+from ds_widenet.standalone import build, deepspeed_top1_routes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,8 @@ CASES = {
     "deepspeed_k1": tiny(router="deepspeed", k=1),
     "deepspeed_k2": tiny(router="deepspeed"),
     "vit_moe_deepspeed_k1": tiny("vit_moe", router="deepspeed", k=1),
+    "paper_no_drop": tiny(drop_tokens=False),
+    "deepspeed_k2_no_drop": tiny(router="deepspeed", drop_tokens=False),
 }
 
 
@@ -66,7 +69,7 @@ def assert_same_outputs(ref: ModelOutput, got: ModelOutput) -> None:
 
 
 @pytest.mark.parametrize("case,capacity", [(c, cap) for c in CASES for cap in ("default", "dropping")
-                                           if cap == "default" or CASES[c].moe is not None])
+                                           if cap == "default" or (CASES[c].moe and CASES[c].moe.drop_tokens)])
 def test_the_standalone_model_computes_what_the_deepspeed_model_evaluates(tmp_path, case, capacity):
     cfg = CASES[case]
     if capacity == "dropping":  # a capacity factor low enough that every depth drops routes
@@ -87,9 +90,21 @@ def test_the_standalone_model_computes_what_the_deepspeed_model_evaluates(tmp_pa
         assert min(float(r.dropped) for r in ref.routing) < 0.95
 
 
-def test_fewer_tokens_than_min_capacity_is_an_error_for_deepspeeds_top1_gate():
-    from ds_widenet.standalone import deepspeed_top1_routes
+def test_deepspeeds_top1_gate_without_token_dropping_keeps_every_route():
+    # Without padding only: DeepSpeed 0.19's top1gating with drop_tokens=False and a used_token
+    # mask fails (its capacity becomes a float tensor that torch.topk refuses); ours keeps going.
+    cfg = tiny(router="deepspeed", k=1, drop_tokens=False)
+    model = randomised(cfg)
+    standalone = build(cfg, device="meta")
+    standalone.load_state_dict(to_clean_names(model.state_dict()), assign=True)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(x), standalone(x)
+    assert_same_outputs(ref, got)
+    assert max(float(r.dropped) for r in got.routing) == 0.0
 
+
+def test_fewer_tokens_than_min_capacity_is_an_error_for_deepspeeds_top1_gate():
     with pytest.raises(ValueError, match="min_capacity"):
         deepspeed_top1_routes(torch.randn(3, 4), 1.0, 4, None, True)
 
