@@ -3,6 +3,8 @@ folded in Python, each key on its own broadcast shape) gives bit for bit the val
 definition (every key mixed over the full output shape), so earlier runs reproduce exactly."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ds_widenet import rng
@@ -10,13 +12,42 @@ from ds_widenet import rng
 IDS = torch.tensor([3, 0, 2 ** 40 + 7, -5]).view(4, 1, 1)
 
 
-def test_values_are_the_ones_earlier_runs_were_trained_with():
+# The pinned values are integers (hashes) and the uniforms they define, which are exact float32
+# numbers ((h + 0.5) / 2**32 is exact in float64, and its rounding to float32 is IEEE): they are the
+# same on every CPU. The normals go through libm (log, cos), whose last bit differs between CPUs
+# (AMD and Intel disagree by an ulp), so they are compared with Box-Muller evaluated here from the
+# pinned hashes, never with recorded floats.
+NORMAL_KEYS = [0, 12, 3, 1, torch.tensor([11, 4]).view(2, 1, 1)]
+NORMAL_HASHES = {  # hash_keys([*NORMAL_KEYS, salt, element index]) over (2, 2, 2), n_trailing=2
+    0x51ED270B: [1349134784, 3724661656, 2490902266, 3939587132, 2961004752, 4289670360, 691548687, 665944976],
+    0x2545F491: [1862310344, 1977938405, 363125788, 2841267978, 337958729, 2812944127, 458807377, 1832447427],
+}
+
+
+def _uniform_by_definition(hashes: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    return ((torch.tensor(hashes, dtype=torch.float64) + 0.5) / 2.0 ** 32).to(torch.float32).view(shape)
+
+
+def test_hashes_are_the_ones_earlier_runs_were_trained_with():
     # recorded from the implementation before the speed-up (commit fd9f063)
     assert rng.hash_keys([2 ** 35, IDS, 9, -3], (4, 1, 1)).flatten().tolist() == \
         [3019276980, 3588161694, 2891374209, 3756534868]
-    z = rng.keyed_normal([0, 12, 3, 1, torch.tensor([11, 4]).view(2, 1, 1)], (2, 2, 2), 2).flatten().tolist()
-    assert z == [-1.3913058042526245, -0.5174585580825806, 0.89998459815979, -0.2193046659231186,
-                 0.7591776847839355, -0.027939768508076668, 1.4965859651565552, -1.7293490171432495]
+    idx = torch.arange(4).view(2, 2)
+    for salt, hashes in NORMAL_HASHES.items():
+        assert rng.hash_keys([*NORMAL_KEYS, salt, idx], (2, 2, 2)).flatten().tolist() == hashes
+
+
+def test_uniforms_are_exactly_the_pinned_hashes_scaled_into_the_unit_interval():
+    keys = [0, 12, 3, 1, torch.tensor([11, 4]).view(2, 1, 1), 0x51ED270B]
+    expected = _uniform_by_definition(NORMAL_HASHES[0x51ED270B], (2, 2, 2))
+    assert torch.equal(rng.keyed_uniform(keys, (2, 2, 2), 2), expected)
+
+
+def test_normals_are_box_muller_of_the_pinned_uniforms():
+    u1 = _uniform_by_definition(NORMAL_HASHES[0x51ED270B], (2, 2, 2))
+    u2 = _uniform_by_definition(NORMAL_HASHES[0x2545F491], (2, 2, 2))
+    expected = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)  # this CPU's libm, as rng's
+    assert torch.equal(rng.keyed_normal(NORMAL_KEYS, (2, 2, 2), 2), expected)
 
 
 def test_hash_equals_the_full_shape_definition_for_every_kind_of_key():
