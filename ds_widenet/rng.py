@@ -92,8 +92,7 @@ def keyed_normal_full_shape(keys: Sequence[Key], shape: Sequence[int], n_trailin
                             device: torch.device | str = "cpu") -> torch.Tensor:
     """keyed_normal by the definition (hash_keys_full_shape); the reference for tests and bench."""
     idx = _element_index(shape, n_trailing, device).expand(tuple(shape))
-    u = [(hash_keys_full_shape([*keys, salt, idx], shape, device).to(torch.float64) + 0.5).div_(2.0 ** 32)
-         .to(torch.float32) for salt in (0x51ED270B, 0x2545F491)]
+    u = [_unit(hash_keys_full_shape([*keys, salt, idx], shape, device)) for salt in (0x51ED270B, 0x2545F491)]
     return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
 
 
@@ -105,21 +104,40 @@ def _element_index(shape: Sequence[int], n_trailing: int, device: torch.device |
         else torch.zeros((), dtype=torch.int64, device=device)
 
 
-def _uniform(h: _State, shape: Sequence[int], n_trailing: int, device: torch.device | str) -> torch.Tensor:
-    h = _expand(_fold([_element_index(shape, n_trailing, device)], h, device), shape, device)
+# The largest float32 below 1.0 (1 - 2**-24): where keyed_uniform's values stop.
+BELOW_ONE = 1.0 - 2.0 ** -24
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """uint32 hashes -> float32 (h + 0.5) / 2**32 (exact in float64, then rounded to nearest): in
+    [2**-33, 1.0]. The 128 hashes h >= 2**32 - 128 round up to exactly 1.0."""
     return (h.to(torch.float64) + 0.5).div_(2.0 ** 32).to(torch.float32)
+
+
+def _uniform(h: _State, shape: Sequence[int], n_trailing: int, device: torch.device | str) -> torch.Tensor:
+    """_unit of the hashes of the element indices folded into `h`: the Box-Muller inputs, in (0, 1]."""
+    return _unit(_expand(_fold([_element_index(shape, n_trailing, device)], h, device), shape, device))
 
 
 def keyed_uniform(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform(0,1) in float32, open interval. The last `n_trailing` dims are enumerated as
-    element indices; leading dims must be covered by tensor keys (e.g. a per-sample id [B, 1])."""
-    return _uniform(_fold(keys, 0x9E3779B9, device), shape, n_trailing, device)
+    """Uniform on the open interval (0, 1) in float32: every value is in [2**-33, BELOW_ONE].
+    The last `n_trailing` dims are enumerated as element indices; leading dims must be covered by
+    tensor keys (e.g. a per-sample id [B, 1]).
+
+    A value is (h + 0.5) / 2**32 rounded to float32, except that the 128 hashes that round to 1.0
+    (h >= 2**32 - 128, one draw in 3.4e7) give BELOW_ONE instead: 1.0 would be an infinite Gamma
+    variate in mixup's Beta draw (a NaN lambda). Every other value is the one earlier runs drew."""
+    return _uniform(_fold(keys, 0x9E3779B9, device), shape, n_trailing, device).clamp_max_(BELOW_ONE)
 
 
 def keyed_normal(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal (Box-Muller over two independent keyed uniforms)."""
+    """Standard normal (Box-Muller over two independent keyed uniforms).
+
+    The uniforms are those of keyed_uniform before its cap below 1.0, so they lie in (0, 1]:
+    Box-Muller is finite on all of it (u1 = 1.0 gives 0), and keeping 1.0 keeps the router noise
+    bit for bit the noise earlier runs were trained with."""
     prefix = _fold(keys, 0x9E3779B9, device)  # shared by both uniforms: they differ from the salt on
     u1 = _uniform(_fold([0x51ED270B], prefix, device), shape, n_trailing, device)
     u2 = _uniform(_fold([0x2545F491], prefix, device), shape, n_trailing, device)

@@ -10,6 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import ds_widenet.data as data_module
+from ds_widenet import rng
 from ds_widenet.config import ConfigError, DataConfig, ModelConfig
 from ds_widenet.data import (
     EVAL_EPOCH, PAD_EPOCH, EvalSampler, GlobalBatchSampler, build_datasets, build_loader,
@@ -358,6 +359,18 @@ def test_mixup_lambda_follows_beta():
                          for s in range(2000)])
     # Beta(0.4, 0.4): mean 1/2, variance 1 / (4 * (2 * 0.4 + 1)) = 0.139
     assert abs(lams.mean().item() - 0.5) < 0.03 and abs(lams.var().item() - 0.139) < 0.015
+
+
+
+def test_mixup_lambda_is_finite_where_a_keyed_uniform_would_round_to_one():
+    # (seed 0, step 12371202, first sample 0): the first Gamma variate's uniform hashes to 2**32 - 96,
+    # which rounds to 1.0 in float32 (tests/test_rng.py); (seed 0, step 32382551): the second one.
+    images, labels = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 3])
+    for step in (12371202, 32382551):
+        mixed, targets = mixup(images, labels, 4, 0.8, 0.0, keys=(0, step, rng.SITE_MIXUP, 0))
+        lam = targets[0, 0].item()
+        assert 0.0 <= lam <= 1.0 and torch.isfinite(mixed).all() and torch.isfinite(targets).all(), step
+        assert torch.allclose(targets.sum(1), torch.ones(4))
 
 
 OWNER_SCRIPT = '''

@@ -77,3 +77,26 @@ def test_keyed_normal_is_standard_normal():
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1.0) < 0.01
     u = rng.keyed_uniform([0, 2], (200_000,), 1)
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.005
+
+
+# (seed 0, step 12371202, SITE_MIXUP, first sample 0): element 0 hashes to 2**32 - 96, one of the
+# 128 hashes whose (h + 0.5) / 2**32 rounds to 1.0 in float32 (found by a search over steps).
+TOP_KEYS = (0, 12371202, rng.SITE_MIXUP, 0)
+
+
+def test_the_largest_hashes_give_a_uniform_below_one_and_the_others_are_unchanged():
+    top = torch.tensor([2 ** 32 - 1, 2 ** 32 - 96, 2 ** 32 - 128])
+    assert rng._unit(top).eq(1.0).all()  # the rounding the cap exists for
+    below = torch.tensor([2 ** 32 - 129, 2 ** 31, 0])
+    assert rng._unit(below).lt(1.0).all()
+    assert rng.BELOW_ONE == torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    assert torch.tensor(rng.BELOW_ONE, dtype=torch.float32).item() == rng.BELOW_ONE  # a float32 value
+    assert float(rng._unit(below)[0]) == rng.BELOW_ONE  # the cap is the value the next hash down has
+
+
+def test_keyed_uniform_stays_below_one_where_the_hash_rounds_to_one():
+    hashes = rng.hash_keys([*TOP_KEYS, torch.arange(2)], (2,))
+    assert hashes.tolist() == [4294967200, 2138940601]
+    u = rng.keyed_uniform(TOP_KEYS, (2,), 1)
+    assert float(u[0]) == rng.BELOW_ONE < 1.0
+    assert torch.equal(u[1:], rng._unit(hashes[1:]))  # a value that was not 1.0 is unchanged, bit for bit
