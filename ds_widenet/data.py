@@ -376,10 +376,21 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: f
           label_smoothing: float, keys: Sequence[rng.Key]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup with label smoothing: (mixed images, soft targets [B, num_classes] summing to 1).
 
-    Sample i is mixed with sample B-1-i of the same micro-batch (timm's pairing: no shuffle, so
-    nothing depends on a generator) with one lambda ~ Beta(alpha, alpha) per micro-batch, drawn
-    from `keys`, e.g. (seed, step, rng.SITE_MIXUP, first sample index). alpha <= 0 returns the
-    images unchanged and smoothed one-hot targets.
+    Keyed per micro-batch, not per sample: one lambda ~ Beta(alpha, alpha) for the whole
+    micro-batch, a pure function of `keys`; the trainer passes (seed, optimizer step,
+    rng.SITE_MIXUP, global id of the micro-batch's first sample). Sample i is mixed with sample
+    B-1-i of the same micro-batch (timm's pairing: no shuffle, so nothing depends on a generator;
+    with B odd the middle sample is paired with itself).
+
+    Layout independence: GlobalBatchSampler cuts each global batch into consecutive micro-batches
+    (micro-batch c is micro-step c % grad_accum of rank c // grad_accum; with grad_accum 1,
+    micro-batch r of a global batch is rank r's shard). So with the same global batch and the
+    same micro-batch size, the micro-batches, the pairs and the lambdas are the same on any world
+    size and any split between ranks and accumulation steps. A different micro-batch size makes
+    different micro-batches: different pairs and different lambdas (unlike router noise and
+    dropout, which are keyed by each sample's global id).
+
+    alpha <= 0 returns the images unchanged and smoothed one-hot targets.
     """
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     if alpha <= 0:

@@ -373,6 +373,27 @@ def test_mixup_lambda_is_finite_where_a_keyed_uniform_would_round_to_one():
         assert torch.allclose(targets.sum(1), torch.ones(4))
 
 
+
+def _mixup_pairs_and_lambdas(micro: int, grad_accum: int, world: int) -> set[tuple[int, int, int, float]]:
+    """(step, sample, partner, lambda) over 2 steps, with the trainer's mixup keys."""
+    out = set()
+    for rank in range(world):
+        sampler = GlobalBatchSampler(32, micro, grad_accum, world, rank, seed=5, total_steps=2)
+        for n, batch in enumerate(sampler):
+            step, ids = n // grad_accum, torch.tensor([index for _, index in batch])
+            targets = mixup(torch.zeros(micro, 1), ids, 32, 0.8, 0.0, keys=(5, step, rng.SITE_MIXUP, int(ids[0])))[1]
+            for i in range(micro):
+                out.add((step, int(ids[i]), int(ids[micro - 1 - i]), targets[i, ids[i]].item()))
+    return out
+
+
+def test_mixup_pairs_and_lambdas_depend_on_the_micro_batch_size_not_the_world_size():
+    one_rank = _mixup_pairs_and_lambdas(micro=4, grad_accum=4, world=1)
+    assert _mixup_pairs_and_lambdas(micro=4, grad_accum=2, world=2) == one_rank
+    assert _mixup_pairs_and_lambdas(micro=4, grad_accum=1, world=4) == one_rank
+    assert _mixup_pairs_and_lambdas(micro=2, grad_accum=4, world=2).isdisjoint(one_rank)
+
+
 OWNER_SCRIPT = '''
 import time
 from ds_widenet.config import DataConfig, ModelConfig
