@@ -9,10 +9,13 @@ Ownership of settings (each has exactly one home; a setting found in the other p
 
 The JSON's ``optimizer`` and ``scheduler`` sections are refused: the project builds both from the
 recipe so that MoE parameter groups, the ZeRO-safe LAMB and the paper's schedule are always used.
+Every other JSON key must be one the installed DeepSpeed reads (``check_deepspeed_keys``): DeepSpeed
+itself ignores an unknown top-level key, so a misspelled section would silently not apply.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -437,7 +440,63 @@ def load_ds_config(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {p} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"DeepSpeed config {p} must be a JSON object")
+    check_deepspeed_keys(cfg, str(p))
     return cfg
+
+
+# Sections DeepSpeed accepts and validate() refuses, naming the recipe section to use instead.
+_REFUSED_SECTIONS = ("optimizer", "scheduler", "moe")
+# Sections DeepSpeed reads as plain dicts whose keys ds_schema's probe finds in full (DeepSpeed
+# looks every one of them up whatever the others hold; tests/test_ds_schema.py checks this against
+# DeepSpeed's constants). Others (optimizer: `params` is read only once `type` is set; ...) are
+# not checked inside. Sections DeepSpeed validates with a pydantic model are always checked.
+_DICT_SECTIONS_CHECKED = ("activation_checkpointing", "flops_profiler", "data_types")
+
+
+def _unknown_key(path: str, key: str, section: Optional[str], valid: Any, source: str, version: str) -> ConfigError:
+    where = f" in section '{section}'" if section else ""
+    match = difflib.get_close_matches(key, sorted(valid), n=1)
+    if match:
+        hint = f"did you mean '{match[0]}'?"
+    elif section:
+        hint = f"the keys there are {', '.join(sorted(valid))}"
+    else:
+        hint = f"deepspeed {version} reads no key by that name"
+    return ConfigError(f"DeepSpeed config key '{path}' is not a DeepSpeed setting{where}: {hint} (fix the key in {source})")
+
+
+def check_deepspeed_keys(ds: dict[str, Any], source: str) -> None:
+    """Refuse a key the installed DeepSpeed does not read, at the top level and inside its
+    sections (DeepSpeed ignores an unknown top-level key: a misspelled zero_optimization trains
+    with ZeRO-0). The valid keys come from DeepSpeed's own parser (ds_widenet/ds_schema.py)."""
+    from .ds_schema import deepspeed_schema
+
+    schema = deepspeed_schema()
+    for key, value in ds.items():
+        if key in _REFUSED_SECTIONS:
+            continue
+        if key in schema.removed:
+            raise ConfigError(f"DeepSpeed config key '{key}' is a feature deepspeed {schema.version} removed: "
+                              f"{' '.join(schema.removed[key].split())} (remove the key from {source})")
+        if key not in schema.top_level:
+            raise _unknown_key(key, key, None, schema.top_level, source, schema.version)
+        section = schema.sections.get(key)
+        if section is None or not isinstance(value, dict) or (section.parser == "dict" and key not in _DICT_SECTIONS_CHECKED):
+            continue
+        _check_section(value, section, key, schema.removed_in_section.get(key, {}), source, schema.version)
+
+
+def _check_section(values: dict[str, Any], section: Any, path: str, removed: dict[str, str], source: str,
+                   version: str) -> None:
+    for key, value in values.items():
+        where = f"{path}.{key}"
+        if key in removed:
+            raise ConfigError(f"DeepSpeed config key '{where}' is a feature deepspeed {version} removed: "
+                              f"{' '.join(removed[key].split())} (remove the key from {source})")
+        if key not in section.keys:
+            raise _unknown_key(where, key, path, section.keys, source, version)
+        if key in section.nested and isinstance(value, dict):
+            _check_section(value, section.nested[key], where, {}, source, version)
 
 
 def resolve_batch(ds: dict[str, Any], world: int) -> BatchLayout:

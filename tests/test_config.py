@@ -1,9 +1,11 @@
 """Recipe parsing and the one validation point where ep_size, experts, world, ZeRO and batch meet."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ds_widenet.config import (ConfigError, apply_overrides, derived_steps, load_recipe, recipe_from_dict,
+from ds_widenet.config import (ConfigError, apply_overrides, derived_steps, load_ds_config, load_recipe, recipe_from_dict,
                                resolve_batch, validate)
 
 DS = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}}
@@ -100,3 +102,81 @@ def test_schedule_steps_follow_epochs_and_the_global_batch():
     r = recipe_from_dict({"model": {"preset": "widenet-digits"}, "schedule": {"epochs": 3, "warmup_epochs": 1}})
     layout = resolve_batch({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32}, 2)
     assert derived_steps(r, 1437, layout) == (22, 66, 22)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSON keys: checked against the keys the installed DeepSpeed reads (ds_widenet/ds_schema.py)
+
+
+def write_ds(tmp_path, cfg: dict) -> str:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({**DS, **cfg}))
+    return str(path)
+
+
+def test_a_misspelled_top_level_deepspeed_key_is_refused_with_the_nearest_valid_key(tmp_path):
+    path = write_ds(tmp_path, {"zero_optimisation": {"stage": 2}})  # DeepSpeed would train with ZeRO-0
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(path)
+    assert one_line(e) == ("DeepSpeed config key 'zero_optimisation' is not a DeepSpeed setting: "
+                           f"did you mean 'zero_optimization'? (fix the key in {path})")
+
+
+def test_a_top_level_key_like_no_deepspeed_setting_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(write_ds(tmp_path, {"xyzzy": 1}))
+    assert "'xyzzy' is not a DeepSpeed setting" in one_line(e) and "did you mean" not in str(e.value)
+
+
+def test_a_misspelled_key_inside_zero_optimization_names_its_section_and_the_nearest_key(tmp_path):
+    path = write_ds(tmp_path, {"zero_optimization": {"stagee": 2}})
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(path)
+    assert one_line(e) == ("DeepSpeed config key 'zero_optimization.stagee' is not a DeepSpeed setting in section "
+                           f"'zero_optimization': did you mean 'stage'? (fix the key in {path})")
+
+
+@pytest.mark.parametrize("cfg,path,nearest", [
+    ({"bf16": {"enable": True}}, "bf16.enable", "enabled"),
+    ({"fp16": {"loss_scale_windw": 100}}, "fp16.loss_scale_windw", "loss_scale_window"),
+    ({"tensorboard": {"output_pth": "tb"}}, "tensorboard.output_pth", "output_path"),
+    ({"csv_monitor": {"job_nam": "x"}}, "csv_monitor.job_nam", "job_name"),
+    ({"wandb": {"projekt": "x"}}, "wandb.projekt", "project"),
+    ({"comms_logger": {"verbos": True}}, "comms_logger.verbos", "verbose"),
+    ({"flops_profiler": {"enabeld": True}}, "flops_profiler.enabeld", "enabled"),
+    ({"data_types": {"grad_acum_dtype": "fp32"}}, "data_types.grad_acum_dtype", "grad_accum_dtype"),
+    ({"activation_checkpointing": {"partition_activation": True}}, "activation_checkpointing.partition_activation",
+     "partition_activations"),
+    ({"zero_optimization": {"stage": 1, "offload_optimizer": {"devic": "cpu"}}}, "zero_optimization.offload_optimizer.devic",
+     "device"),
+])
+def test_a_misspelled_key_in_every_section_the_project_uses_is_refused(tmp_path, cfg, path, nearest):
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(write_ds(tmp_path, cfg))
+    section = path.rsplit(".", 1)[0]
+    assert f"'{path}' is not a DeepSpeed setting in section '{section}': did you mean '{nearest}'?" in one_line(e)
+
+
+def test_rarely_used_deepspeed_keys_and_aliases_are_accepted(tmp_path):
+    cfg = {"zero_optimization": {"stage": 2, "round_robin_gradients": True, "stage3_prefetch_bucket_size": 1000,
+                                 "prefetch_bucket_size": 1000, "offload_optimizer": {"device": "none", "pin_memory": True}},
+           "bf16": {"enabled": True, "immediate_grad_update": True}, "fp16": {"enabled": False, "hysteresis": 2},
+           "comms_logger": {"enabled": False, "prof_ops": ["all_reduce"]}, "wandb": {"enabled": False, "team": "t"},
+           "flops_profiler": {"enabled": False, "top_modules": 3}, "data_types": {"grad_accum_dtype": "fp32"},
+           "activation_checkpointing": {"cpu_checkpointing": False}, "dataloader_drop_last": False,
+           "wall_clock_breakdown": False, "memory_breakdown": False, "sequence_parallel_size": 1}
+    assert load_ds_config(write_ds(tmp_path, cfg))["zero_optimization"]["round_robin_gradients"] is True
+
+
+def test_a_feature_deepspeed_removed_is_refused_with_deepspeeds_reason(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(write_ds(tmp_path, {"amp": {"enabled": True}}))
+    assert "'amp' is a feature deepspeed" in one_line(e) and "removed" in str(e.value)
+
+
+@pytest.mark.parametrize("section", ["optimizer", "scheduler", "moe"])
+def test_sections_deepspeed_reads_but_the_project_refuses_keep_their_validate_message(tmp_path, section):
+    ds = load_ds_config(write_ds(tmp_path, {section: {"type": "Adam", "params": {"lr": 0.1}}}))
+    with pytest.raises(ConfigError) as e:
+        validate(recipe(), ds, world=2)
+    assert "recipe" in one_line(e)

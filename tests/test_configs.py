@@ -84,6 +84,14 @@ def test_ds_config_loads_and_owns_no_optimizer_or_scheduler(path):
     assert ds.get("gradient_clipping") == 1.0
 
 
+@pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
+def test_every_shipped_ds_config_uses_only_keys_the_installed_deepspeed_reads(path):
+    import json
+
+    from ds_widenet.config import check_deepspeed_keys
+
+    check_deepspeed_keys(json.loads(path.read_text()), str(path))  # raises ConfigError naming the key
+
 def test_every_file_is_documented_in_the_readme():
     readme = (CONFIGS / "README.md").read_text()
     for path in YAMLS + JSONS:
