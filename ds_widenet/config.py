@@ -543,6 +543,9 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
                 "(the project builds MoE-split parameter groups and its own LAMB/schedule)")
     if "moe" in ds:
         raise ConfigError("DeepSpeed config has a 'moe' section: MoE settings belong to the recipe's model.moe and parallel.ep_size")
+    if ds.get("use_data_before_expert_parallelism"):
+        raise ConfigError("DeepSpeed config sets use_data_before_expert_parallelism: remove the key (the project derives each "
+                          "rank's expert-parallel rank from DeepSpeed's default expert groups of consecutive ranks)")
     moe = recipe.model.moe
     ep = recipe.parallel.ep_size
     stage = zero_stage(ds)

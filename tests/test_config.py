@@ -180,3 +180,13 @@ def test_sections_deepspeed_reads_but_the_project_refuses_keep_their_validate_me
     with pytest.raises(ConfigError) as e:
         validate(recipe(), ds, world=2)
     assert "recipe" in one_line(e)
+
+
+def test_use_data_before_expert_parallelism_is_refused():
+    r = recipe()
+    r.parallel.ep_size = 2
+    with pytest.raises(ConfigError) as e:
+        validate(r, {**DS, "use_data_before_expert_parallelism": True}, world=2)
+    assert "remove the key" in one_line(e) and "use_data_before_expert_parallelism" in str(e.value)
+    assert validate(r, {**DS, "use_data_before_expert_parallelism": False}, world=2).world == 2
+
