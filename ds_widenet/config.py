@@ -546,6 +546,9 @@ def validate(recipe: Recipe, ds: dict[str, Any], world: int) -> BatchLayout:
     if ds.get("use_data_before_expert_parallelism"):
         raise ConfigError("DeepSpeed config sets use_data_before_expert_parallelism: remove the key (the project derives each "
                           "rank's expert-parallel rank from DeepSpeed's default expert groups of consecutive ranks)")
+    if "bfloat16" in ds:
+        raise ConfigError("DeepSpeed config has a 'bfloat16' section (DeepSpeed's old name): rename it to 'bf16', "
+                          "which is the one the project reads")
     moe = recipe.model.moe
     ep = recipe.parallel.ep_size
     stage = zero_stage(ds)

@@ -190,3 +190,8 @@ def test_use_data_before_expert_parallelism_is_refused():
     assert "remove the key" in one_line(e) and "use_data_before_expert_parallelism" in str(e.value)
     assert validate(r, {**DS, "use_data_before_expert_parallelism": False}, world=2).world == 2
 
+
+def test_deepspeeds_old_bfloat16_section_is_refused_because_the_project_reads_bf16():
+    with pytest.raises(ConfigError) as e:
+        validate(recipe(), {**DS, "bfloat16": {"enabled": True}}, world=2)
+    assert "rename it to 'bf16'" in one_line(e)
