@@ -314,12 +314,13 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        self.build()
         try:
+            self.build()
             return self.fit()
         finally:
-            if self.log.console is not None:
-                self.log.console.close()
+            log = getattr(self, "log", None)  # absent when build() failed early
+            if log is not None and log.console is not None:
+                log.console.close()
 
     def fit(self) -> dict[str, Any]:
         from .routing_stats import RoutingAccumulator
