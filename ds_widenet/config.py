@@ -431,11 +431,22 @@ class BatchLayout:
 
 
 def load_ds_config(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a DeepSpeed JSON: a key twice in one object, or a key DeepSpeed does not read, is refused."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config {p} not found: pass an existing JSON file (see ds_configs/)")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json keeps the last of two equal keys; DeepSpeed refuses them when it reads a file itself
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"DeepSpeed config {p} sets '{key}' twice in one object: keep one")
+            seen[key] = value
+        return seen
+
     try:
-        cfg = json.loads(p.read_text())
+        cfg = json.loads(p.read_text(), object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {p} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):

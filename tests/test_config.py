@@ -195,3 +195,11 @@ def test_deepspeeds_old_bfloat16_section_is_refused_because_the_project_reads_bf
     with pytest.raises(ConfigError) as e:
         validate(recipe(), {**DS, "bfloat16": {"enabled": True}}, world=2)
     assert "rename it to 'bf16'" in one_line(e)
+
+
+def test_a_key_set_twice_in_the_deepspeed_json_is_refused(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1, "stage": 2}}')
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(path)
+    assert "'stage' twice" in one_line(e)
