@@ -198,3 +198,25 @@ def gradient_loss_scale(engine: Any) -> float:
     cfg = getattr(engine.optimizer, "loss_scale_config", None)
     scale = getattr(cfg, "cur_scale", None)
     return float(scale) if scale is not None else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The config parser (ds_schema.py asks it which JSON keys DeepSpeed reads)
+
+
+def run_config_parser(param_dict: dict) -> None:
+    """DeepSpeed's config parser on `param_dict`, without the distributed set-up around it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = DeepSpeedConfig.__new__(DeepSpeedConfig)
+    cfg.global_rank, cfg.world_size, cfg._param_dict = 0, 1, param_dict
+    cfg._initialize_params(param_dict)
+    cfg._do_warning_check()
+
+
+def removed_config_keys() -> tuple[dict[str, str], dict[str, str]]:
+    """The top-level and zero_optimization keys DeepSpeed has removed, with its own messages."""
+    from deepspeed.runtime import config as ds_config
+
+    return (dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})),
+            dict(getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {})))

@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import deepspeed_internals as dsi
+
 _PROBE = "__ds_widenet_probe__"
 
 
@@ -132,16 +134,6 @@ class _LoggingDict(dict):
         return dict(self).__reduce_ex__(protocol)
 
 
-def _run_parser(param_dict: dict) -> None:
-    """DeepSpeed's config parser on `param_dict`, without the distributed set-up around it."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    cfg = DeepSpeedConfig.__new__(DeepSpeedConfig)
-    cfg.global_rank, cfg.world_size, cfg._param_dict = 0, 1, param_dict
-    cfg._initialize_params(param_dict)
-    cfg._do_warning_check()
-
-
 def _keys_read_in_source(fn: Any, names: tuple[str, ...] = ("config", "param_dict")) -> set[str]:
     """String keys `fn`'s source reads from a dict named in `names`: "k" in d, d["k"], d.get("k")."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -211,7 +203,7 @@ def _probe_section(key: str, models: dict[str, list[type]]) -> Optional[Section]
 
     section = _LoggingDict({_PROBE: None})
     try:
-        _run_parser(_LoggingDict({key: section}))
+        dsi.run_config_parser(_LoggingDict({key: section}))
     except pydantic.ValidationError as e:
         locs = [err["loc"] for err in e.errors() if err["type"] == "extra_forbidden" and err["loc"][-1:] == (_PROBE,)]
         candidates = models.get(e.title, [])
@@ -244,7 +236,7 @@ def deepspeed_schema() -> Schema:
     ds_logger.setLevel(logging.ERROR)  # the probes' deprecation warnings are not the user's
     try:
         top = _LoggingDict()
-        _run_parser(top)
+        dsi.run_config_parser(top)
         top_level = {k for k in top._log.lookups if isinstance(k, str)}
         top_level |= _keys_read_in_source(deepspeed.initialize)
         top_level |= _keys_read_in_source(ds_config.DeepSpeedConfig.__init__)
@@ -255,7 +247,6 @@ def deepspeed_schema() -> Schema:
                            f"({type(e).__name__}: {e}): ds_widenet/ds_schema.py needs updating for it") from e
     finally:
         ds_logger.setLevel(level)
-    removed = dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
-    removed_zero = dict(getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {}))
+    removed, removed_zero = dsi.removed_config_keys()
     return Schema(deepspeed.__version__, frozenset(top_level - set(removed)), sections, removed,
                   {"zero_optimization": removed_zero} if removed_zero else {})

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import rng
 from ..config import MoEConfig
 from .. import deepspeed_internals as dsi
+from ..standalone import Mlp  # one definition for training and inference (standalone imports no DeepSpeed)
 from .routing import DeepSpeedGate, PaperGate, RouteKey, RoutingStats, gate_entropy, route_context, stats_from_routes
 
 
@@ -59,19 +60,6 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v)
         x = self.proj(x.transpose(1, 2).reshape(b, n, c))
         return _dropout(x, self.proj_drop, self.training, key, depth, rng.SITE_PROJ_DROP)
-
-
-class Mlp(nn.Module):
-    """The dense FFN, and the expert of the MoE FFN."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DenseFFN(nn.Module):
