@@ -147,21 +147,22 @@ def test_bad_input_against_a_saved_run_is_one_line_and_leaves_every_saved_byte_a
     misspelled = tmp_path / "typo.json"
     misspelled.write_text(json.dumps({**DS_OK, "zero_optimisation": {"stage": 2}}))
     before = tree_bytes(out)
-    base = ["--recipe", str(RECIPE), "--deepspeed_config", str(ds), *TINY]
-    cases = [
-        (["--out", str(out), "--deepspeed_config", str(misspelled)], ["zero_optimisation", "zero_optimization"]),
-        (["--out", str(broken_run), "--resume", str(newest)], [pickle.name, "truncated"]),
-        (["--out", str(tmp_path / "ft1"), "--init_from", str(truncated)], [truncated.name]),
-        (["--out", str(tmp_path / "ft2"), "--init_from", str(other)], [other.name]),
-        (["--out", str(out)], ["already holds a run"]),
-        (["--out", str(out), "--resume", "auto", "parallel.ep_size=3"], ["ep_size=3"]),
+    base = ["--recipe", str(RECIPE), "--deepspeed_config", str(ds)]
+    cases = [  # (options, overrides, what the one line must name)
+        (["--out", str(out), "--resume", "auto", "--deepspeed_config", str(misspelled)], [],
+         ["zero_optimisation", "zero_optimization"]),
+        (["--out", str(broken_run), "--resume", str(newest)], [], [pickle.name, "truncated"]),
+        (["--out", str(tmp_path / "ft1"), "--init_from", str(truncated)], [], [truncated.name]),
+        (["--out", str(tmp_path / "ft2"), "--init_from", str(other)], [], [other.name]),
+        (["--out", str(out)], [], ["already holds a run"]),
+        (["--out", str(out), "--resume", "auto"], ["parallel.ep_size=3"], ["ep_size=3"]),
     ]
-    for extra, needles in cases:
-        res = run_cli([*base, *extra])
+    for opts, overrides, needles in cases:
+        res = run_cli([*base, *opts, *TINY, *overrides])
         assert_one_line_error(res, *needles)
     assert tree_bytes(out) == before
     # --resume auto over the damaged run falls back to the previous complete checkpoint, with a notice
-    res = run_cli([*base, "--out", str(broken_run), "--resume", "auto", "schedule.max_steps=4"])
+    res = run_cli([*base, "--out", str(broken_run), "--resume", "auto", *TINY, "schedule.max_steps=4"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"passed over damaged checkpoint(s): {pickle}" in res.stdout
     aside = broken_run / "checkpoints" / f"{newest.name}.superseded" / pickle.name
