@@ -53,24 +53,24 @@ T = TypeVar("T")
 # lists are inverses of each other, and each side's names never match the other side's patterns,
 # so both mappings are idempotent (a v2 name passes `clean_name` unchanged, and vice versa).
 
-_DS_TO_CLEAN = [
-    (r"^moe\.moe\.deepspeed_moe\.gate\.wg\.", r"moe.gate."),
-    (r"^moe\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.", r"moe.experts."),
-    (r"^blocks\.(\d+)\.ffn\.moe\.deepspeed_moe\.gate\.wg\.", r"blocks.\1.mlp.gate."),
-    (r"^blocks\.(\d+)\.ffn\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.", r"blocks.\1.mlp.experts."),
-    (r"^blocks\.(\d+)\.ffn\.mlp\.", r"blocks.\1.mlp."),
-    (r"^pre_logits\.0\.", r"pre_logits.fc."),
+# (DeepSpeed prefix, clean prefix); {j} is a block index. Both directions are built from this one table.
+_PREFIXES = [
+    ("moe.moe.deepspeed_moe.gate.wg.", "moe.gate."),
+    ("moe.moe.deepspeed_moe.experts.deepspeed_experts.", "moe.experts."),
+    ("blocks.{j}.ffn.moe.deepspeed_moe.gate.wg.", "blocks.{j}.mlp.gate."),
+    ("blocks.{j}.ffn.moe.deepspeed_moe.experts.deepspeed_experts.", "blocks.{j}.mlp.experts."),
+    ("blocks.{j}.ffn.mlp.", "blocks.{j}.mlp."),
+    ("pre_logits.0.", "pre_logits.fc."),
 ]
-_CLEAN_TO_DS = [
-    (r"^moe\.gate\.", r"moe.moe.deepspeed_moe.gate.wg."),
-    (r"^moe\.experts\.", r"moe.moe.deepspeed_moe.experts.deepspeed_experts."),
-    (r"^blocks\.(\d+)\.mlp\.gate\.", r"blocks.\1.ffn.moe.deepspeed_moe.gate.wg."),
-    (r"^blocks\.(\d+)\.mlp\.experts\.", r"blocks.\1.ffn.moe.deepspeed_moe.experts.deepspeed_experts."),
-    (r"^blocks\.(\d+)\.mlp\.", r"blocks.\1.ffn.mlp."),
-    (r"^pre_logits\.fc\.", r"pre_logits.0."),
-]
-_DS_TO_CLEAN_RE = [(re.compile(p), r) for p, r in _DS_TO_CLEAN]
-_CLEAN_TO_DS_RE = [(re.compile(p), r) for p, r in _CLEAN_TO_DS]
+
+
+def _prefix_rule(src: str, dst: str) -> tuple[re.Pattern[str], str]:
+    pattern = "^" + re.escape(src).replace(re.escape("{j}"), r"(\d+)")
+    return re.compile(pattern), dst.replace("{j}", r"\1")
+
+
+_DS_TO_CLEAN_RE = [_prefix_rule(ds, clean) for ds, clean in _PREFIXES]
+_CLEAN_TO_DS_RE = [_prefix_rule(clean, ds) for ds, clean in _PREFIXES]
 
 
 def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str:

@@ -205,21 +205,20 @@ class MetricsLog:
 
     def warn(self, step: int, message: str) -> None:
         """A `{"step", "warning"}` record, shown on rank 0's console (stderr with no console)."""
-        if not self.enabled:
-            return
-        self.write({"step": step, "warning": message})
-        if self.console is not None:
-            self.console.message(step, "warning", message)
-        else:
-            _warning_logger().warning("step %d: %s", step, message)
+        self._message(step, "warning", message)
 
     def event(self, step: int, message: str) -> None:
         """A `{"step", "event"}` record (resume, reshard, fine-tune), shown on rank 0's console."""
+        self._message(step, "event", message)
+
+    def _message(self, step: int, kind: str, message: str) -> None:
         if not self.enabled:
             return
-        self.write({"step": step, "event": message})
+        self.write({"step": step, kind: message})
         if self.console is not None:
-            self.console.message(step, "event", message)
+            self.console.message(step, kind, message)
+        elif kind == "warning":
+            _warning_logger().warning("step %d: %s", step, message)
         else:
             print(f"ds_widenet: {message}", file=sys.stderr)
 

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from . import deepspeed_internals as dsi
+from . import rng
 from .config import BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate, zero_stage
+from .data import mixup
+from .distributed import all_reduce_mean, any_rank
+from .optim import clip_grad_norm_global_, global_grad_norm
+from .routing_stats import RoutingAccumulator, routing_fields
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +49,7 @@ class Plan:
     resume: Optional[Path] = None  # a complete checkpoint directory
     resume_meta: Optional[dict[str, Any]] = None  # its meta.json
     init_from: Optional[Path] = None
+    init_weights: Optional[tuple[dict[str, Any], str]] = None  # read_init_weights(init_from): read once
     notices: list[str] = field(default_factory=list)  # for the run log once it exists
 
 
@@ -70,7 +79,7 @@ def make_plan(recipe_path: Optional[str], ds_config_path: str, out: str, overrid
                           "choose a new --out, or pass --overwrite (which deletes its checkpoints)")
     if init_from:
         plan.init_from = Path(init_from)
-        read_init_weights(plan.init_from, recipe)  # refuse a truncated or mismatched export now
+        plan.init_weights = read_init_weights(plan.init_from, recipe)  # a truncated or mismatched export fails now
     if recipe.data.root and not Path(recipe.data.root).exists():
         raise ConfigError(f"data.root={recipe.data.root} does not exist: point data.root at your data directory")
     return plan
@@ -79,11 +88,9 @@ def make_plan(recipe_path: Optional[str], ds_config_path: str, out: str, overrid
 def read_init_weights(path: Path, recipe: Recipe) -> tuple[dict[str, Any], str]:
     """An export's weights in the DeepSpeed model's names, adapted to the recipe's model (new head,
     interpolated position embeddings), and a notice of what was adapted."""
-    from .export import read_export
+    from .export import adapt_for_finetune, read_export, to_deepspeed_names
 
     weights, src = read_export(path)
-    from .export import adapt_for_finetune, to_deepspeed_names
-
     if src.arch != recipe.model.arch:
         raise ConfigError(f"--init_from {path} is a {src.arch} model, the recipe trains a {recipe.model.arch}: "
                           "use an export of the same architecture")
@@ -104,8 +111,6 @@ def run_layout(plan: Plan) -> dict[str, Any]:
 
 
 def soft_cross_entropy(logits, targets):
-    import torch
-
     return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
@@ -172,7 +177,6 @@ class Trainer:
     def attach_zero_lamb(self) -> None:
         """Under ZeRO 1/2 the project's LAMB must learn the flat-partition layout to keep its trust
         ratio per parameter (optim.Lamb.attach_zero_partitions)."""
-        from . import deepspeed_internals as dsi
         from .optim import Lamb
 
         basic = dsi.basic_optimizer(self.engine)
@@ -186,7 +190,6 @@ class Trainer:
     def build(self) -> None:
         """Process group, data, model, engine, resume; then the run directory and its log."""
         import deepspeed
-        import torch
 
         from .data import EvalSampler, GlobalBatchSampler, build_datasets, build_loader
         from .distributed import init_distributed
@@ -217,7 +220,8 @@ class Trainer:
         if plan.init_from is not None:
             from .reshard import load_weights_into
 
-            weights, notice = read_init_weights(plan.init_from, recipe)
+            weights, notice = plan.init_weights or read_init_weights(plan.init_from, recipe)
+            plan.init_weights = None  # loaded below: the model holds them from here on
             missing = load_weights_into(model, weights, self.ep, self.ep_rank, strict=False)
             unexpected = [m for m in missing if not m.startswith("head.")]
             if unexpected:
@@ -241,8 +245,6 @@ class Trainer:
         self._open_run_dir(notices)
 
     def _check_expert_ranks(self) -> None:
-        from . import deepspeed_internals as dsi
-
         for p in self.engine.module.parameters():
             if dsi.is_expert_param(p):
                 actual = dsi.expert_parallel_rank(dsi.expert_group_name(p))
@@ -299,11 +301,13 @@ class Trainer:
         for notice in notices:
             self.log.event(self.start_step, notice)
         self.peak_flops = self._peak_flops()
+        if self.peak_flops:
+            from .flops import step_flops
+
+            self.flops_per_image = step_flops(self.recipe.model, 1)["train_per_image"]  # once, not per log step
 
     def _peak_flops(self) -> Optional[float]:
         """The device's data-sheet bf16 peak times the world size, where known (MFU in the log)."""
-        import torch
-
         from .flops import known_peak_flops
 
         if self.device.type != "cuda" or self.dtype != torch.bfloat16:
@@ -323,8 +327,6 @@ class Trainer:
                 log.console.close()
 
     def fit(self) -> dict[str, Any]:
-        from .routing_stats import RoutingAccumulator
-
         self.step, self.micro = self.start_step, 0
         self.window = self._new_window()
         self.routing = RoutingAccumulator()
@@ -358,11 +360,6 @@ class Trainer:
     def train_micro_step(self, images: Any, labels: Any, idx: Any) -> bool:
         """Forward and backward of one micro-batch, and the optimizer step at the accumulation
         boundary. Returns whether this micro-batch ended an optimizer step."""
-        import torch
-
-        from . import rng
-        from .data import mixup
-
         recipe, engine, step = self.recipe, self.engine, self.step
         first = int(idx[0]) if len(idx) else 0  # read on the host, before the copy to the device
         images, idx = images.to(self.device), idx.to(self.device)
@@ -372,8 +369,6 @@ class Trainer:
         ce = soft_cross_entropy(out.logits, targets)
         aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
         loss = ce + aux_w * out.aux_loss
-        from .distributed import any_rank
-
         bad = any_rank(not bool(torch.isfinite(loss.detach())))
         stop = self.guard.stop_reason(step) if bad else None  # train.nan_policy (guards.NonFiniteGuard)
         if stop:
@@ -401,9 +396,6 @@ class Trainer:
     def _clip_or_measure(self) -> Optional[float]:
         """At the boundary (gradients all-reduced): the project's global-norm clip where it clips
         (see project_clips), else the norm for the log under ZeRO-0 (ZeRO 1/2 report their own)."""
-        from . import deepspeed_internals as dsi
-        from .optim import clip_grad_norm_global_, global_grad_norm
-
         clip = float(self.plan.ds_config.get("gradient_clipping", 0)) if self.project_clips() else 0.0
         if clip:
             return float(clip_grad_norm_global_(self.engine.module, clip))
@@ -413,9 +405,6 @@ class Trainer:
         return None
 
     def log_step(self) -> None:
-        from .distributed import all_reduce_mean
-        from .routing_stats import RoutingAccumulator, routing_fields
-
         w = self.window
         n = max(w["n"], 1)  # 0: every micro-batch of the window was skipped (train.nan_policy=skip)
         loss_avg, aux_avg, imgs = all_reduce_mean([w["loss"] / n, w["aux"] / n, float(w["images"])])
@@ -425,9 +414,7 @@ class Trainer:
                                "aux_loss": aux_avg, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": ips,
                                "grad_norm": None if w["grad_norm"] is None else float(w["grad_norm"])}
         if self.peak_flops:
-            from .flops import step_flops
-
-            rec["mfu"] = ips * step_flops(self.recipe.model, 1)["train_per_image"] / self.peak_flops
+            rec["mfu"] = ips * self.flops_per_image / self.peak_flops
         if not w["n"]:
             rec["loss"] = rec["aux_loss"] = None
         r = self.routing.reduce()

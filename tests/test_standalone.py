@@ -8,26 +8,20 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 import ds_widenet  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
-from ds_widenet.config import ConfigError, DataConfig, ModelConfig, MoEConfig
+from ds_widenet.config import ConfigError, DataConfig, ModelConfig
 from ds_widenet.export import load_exported, save_export, to_clean_names
 from ds_widenet.models import build_model
 from ds_widenet.routing_core import ModelOutput
 from ds_widenet.standalone import build, deepspeed_top1_routes
 
+from tests.test_export import tiny  # one tiny config per arch for both export and standalone tests
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(arch: str = "widenet", pool: str = "avg", pre_logits: bool = False, **moe_kw: Any) -> ModelConfig:
-    moe = None if arch == "vit" else MoEConfig(**{"num_experts": 4, "k": 2, "expert_dim": 32, "min_capacity": 1,
-                                                  **moe_kw})
-    return ModelConfig(arch=arch, img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=16, depth=3,
-                       num_heads=2, mlp_dim=24, moe=moe, moe_last_n=2, pool=pool, pre_logits=pre_logits)
 
 
 CASES = {
