@@ -29,6 +29,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+try:  # deprecated since torchvision 0.29 (in favour of torchcodec); read_image falls back to PIL
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+except ImportError:  # pragma: no cover - a torchvision without its image decoders
+    decode_jpeg = None  # type: ignore[assignment]
+
 from . import rng
 from .config import ConfigError, DataConfig, ModelConfig
 
@@ -155,7 +160,7 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
-    """PIL image -> float32 in [0, 1] -> normalised plain tensor."""
+    """PIL image or uint8 tensor -> float32 in [0, 1] -> normalised plain tensor."""
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
@@ -207,13 +212,36 @@ def _cifar(data: DataConfig, img_size: int) -> _Sources:
                     v2.Compose([*resize, *_to_normalised(mean, std)]), len(train.classes))
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def read_image(path: str) -> torch.Tensor:
+    """ImageFolder's loader: an RGB image as a uint8 [3, H, W] tensor.
+
+    JPEGs are decoded by torchvision.io.decode_jpeg (grayscale and CMYK converted to RGB), which
+    gives the same pixels as PIL's ``Image.open(path).convert("RGB")`` here and is faster
+    (bench/input_pipeline.py); anything else (PNG, ...), or a JPEG decode_jpeg refuses, goes
+    through PIL."""
+    with open(path, "rb") as f:
+        is_jpeg = f.read(3) == _JPEG_MAGIC
+    if is_jpeg and decode_jpeg is not None:
+        try:
+            return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+        except RuntimeError:  # e.g. a JPEG flavour libjpeg inside torchvision does not take
+            pass
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return v2.functional.pil_to_tensor(image.convert("RGB"))
+
+
 def _image_folder(root: Path, split: str) -> datasets.ImageFolder:
     path = root / split
     layout = f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
     if not path.is_dir():
         raise ConfigError(f"no directory {path}: data.name=imagefolder expects {layout}")
     try:
-        return datasets.ImageFolder(str(path))
+        return datasets.ImageFolder(str(path), loader=read_image)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise ConfigError(f"{path}: {e} (data.name=imagefolder expects {layout})") from None
 
@@ -225,6 +253,9 @@ def _imagefolder(data: DataConfig, img_size: int) -> _Sources:
         # ImageFolder numbers classes by sorted folder name: different sets shift every label.
         raise ConfigError(f"{root}/train has {len(train.classes)} class folders and {root}/val has "
                           f"{len(test.classes)} different ones: give both the same class folders")
+    # Every op runs on read_image's uint8 tensor (bench/input_pipeline.py: 1.08-1.12x PIL's images/s
+    # per worker; RandAugment on a PIL image in between was no faster). The random draws do not
+    # depend on the image type, so a key still gives one augmentation.
     eval_ops = [v2.Resize(int(img_size / _EVAL_CROP), antialias=True), v2.CenterCrop(img_size)]
     random = _inception_ops(data, img_size) if data.augment == "imagenet" else eval_ops
     return _Sources(train, test, v2.Compose([*random, *_to_normalised(_IMAGENET_MEAN, _IMAGENET_STD)]),
