@@ -12,10 +12,10 @@ named `d{depth:02d}/{part}/{fwd|bwd}`:
     ffn       the dense FFN of that depth (ViT / ViT-MoE dense blocks)
     moe       the whole MoE FFN call (MoEFFN.forward: gate, dispatch, a2a, experts, combine, stats)
     gate      the router (TopKGate / PaperGate forward: logits, noise, softmax, top-k, capacity)
-    dispatch  deepspeed.moe.sharded_moe._route_slots + _sparse_encode (tokens -> [E, C, d] slots)
+    dispatch  models.moe_layer.route_slots + occupancy + dispatch (tokens -> slots / packed rows)
     a2a       deepspeed.moe.sharded_moe._AllToAll (only with ep_size > 1; two per call)
-    experts   deepspeed.moe.experts.Experts.forward (the expert MLPs on the capacity slots)
-    combine   deepspeed.moe.sharded_moe._sparse_decode (slots -> tokens, weighted by the gates)
+    experts   GroupedExperts.grouped / .padded (the expert MLPs on the filled rows / all slots)
+    combine   models.moe_layer.combine (slots -> tokens, weighted by the gates)
 
 Backward ranges: each wrapped part's differentiable outputs pass through an identity autograd node
 whose backward opens the range, and its inputs through one whose backward closes it, so the range spans
@@ -25,6 +25,7 @@ backward range is only opened when both its inputs and outputs carry gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections import defaultdict
 from typing import Any, Callable, Iterator, Optional
@@ -81,6 +82,18 @@ def _replace(seq: tuple, new: list[torch.Tensor]) -> tuple:
     return tuple(next(it) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in seq)
 
 
+def _fields(out: Any) -> tuple[tuple, Callable[[tuple], Any]]:
+    """A call's result as a flat tuple and the function that rebuilds it (tuples, dataclasses such as
+    the gate's Routes, or one value)."""
+    if isinstance(out, tuple):
+        return out, lambda seq: seq
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        names = [f.name for f in dataclasses.fields(out)]
+        return (tuple(getattr(out, n) for n in names),
+                lambda seq: dataclasses.replace(out, **dict(zip(names, seq))))
+    return (out,), lambda seq: seq[0]
+
+
 def _wrap_call(part: str, fn: Callable, depth_from: Optional[Callable[[tuple], int]] = None) -> Callable:
     """fn(*args) inside `d../part/fwd`, with backward markers around its tensor args and outputs."""
 
@@ -99,12 +112,11 @@ def _wrap_call(part: str, fn: Callable, depth_from: Optional[Callable[[tuple], i
             with record_function(_name(part, "fwd")):
                 out = fn(*args, **kwargs)
             if marked:
-                seq = out if isinstance(out, tuple) else (out,)
+                seq, rebuild = _fields(out)
                 outs = _grad_tensors(seq)
                 if outs:
                     opened = _Open.apply(box, *outs)
-                    seq = _replace(seq, list(opened) if isinstance(opened, tuple) else [opened])
-                    out = seq if isinstance(out, tuple) else seq[0]
+                    out = rebuild(_replace(seq, list(opened) if isinstance(opened, tuple) else [opened]))
             return out
         finally:
             _depth[0] = prev
@@ -132,18 +144,18 @@ def moe_ranges(model: torch.nn.Module) -> Iterator[None]:
     """Install the named ranges on `model` (any WideNet / ViT / ViT-MoE) and DeepSpeed's MoE
     functions for the span of the block; everything is restored on exit."""
     from deepspeed.moe import sharded_moe
-    from deepspeed.moe.experts import Experts
     from deepspeed.moe.sharded_moe import TopKGate
 
+    from ds_widenet.models import moe_layer
     from ds_widenet.models.layers import Attention, DenseFFN, MoEFFN
 
     undo: list[Callable[[], None]] = []
 
-    def patch_instance(mod: torch.nn.Module, part: str, depth_arg: bool) -> None:
-        orig = mod.forward
+    def patch_instance(mod: torch.nn.Module, part: str, depth_arg: bool, method: str = "forward") -> None:
+        orig = getattr(mod, method)
         depth_from = (lambda a: int(a[1]) if len(a) > 1 else 0) if depth_arg else None
-        mod.forward = _wrap_call(part, orig, depth_from)  # type: ignore[method-assign]
-        undo.append(lambda: mod.__dict__.pop("forward", None))
+        setattr(mod, method, _wrap_call(part, orig, depth_from))
+        undo.append(lambda: mod.__dict__.pop(method, None))
 
     def patch_global(obj: Any, name: str, new: Any) -> None:
         old = getattr(obj, name)
@@ -160,11 +172,12 @@ def moe_ranges(model: torch.nn.Module) -> Iterator[None]:
                 patch_instance(m, "moe", True)
             elif isinstance(m, TopKGate):
                 patch_instance(m, "gate", False)
-            elif isinstance(m, Experts):
-                patch_instance(m, "experts", False)
-        patch_global(sharded_moe, "_route_slots", _wrap_call("dispatch", sharded_moe._route_slots))
-        patch_global(sharded_moe, "_sparse_encode", _wrap_call("dispatch", sharded_moe._sparse_encode))
-        patch_global(sharded_moe, "_sparse_decode", _wrap_call("combine", sharded_moe._sparse_decode))
+            elif isinstance(m, moe_layer.GroupedExperts):
+                patch_instance(m, "experts", False, "grouped")
+                patch_instance(m, "experts", False, "padded")
+        for fn in ("route_slots", "occupancy", "dispatch"):
+            patch_global(moe_layer, fn, _wrap_call("dispatch", getattr(moe_layer, fn)))
+        patch_global(moe_layer, "combine", _wrap_call("combine", moe_layer.combine))
         patch_global(sharded_moe, "_AllToAll", _A2AShim(sharded_moe._AllToAll))
         yield
     finally:

@@ -40,6 +40,42 @@ def moe_local_experts(moe: nn.Module) -> nn.ModuleList:
     return moe.deepspeed_moe.experts.deepspeed_experts
 
 
+def experts_modules(experts: nn.Module) -> nn.ModuleList:
+    """The per-expert modules of a DeepSpeed `Experts` (local ids 0..L-1)."""
+    return experts.deepspeed_experts
+
+
+def moe_layer(moe: nn.Module) -> nn.Module:
+    """The `MOELayer` (gate + experts + dispatch) inside a `deepspeed.moe.layer.MoE`."""
+    return moe.deepspeed_moe
+
+
+def set_moe_layer(moe: nn.Module, layer: nn.Module) -> None:
+    """Replace the `MOELayer` of a `deepspeed.moe.layer.MoE` (before deepspeed.initialize, which
+    hands the expert-parallel group to every MoE's layer)."""
+    moe.deepspeed_moe = layer
+
+
+def experts_group_name(experts: nn.Module) -> Optional[str]:
+    """The expert group name DeepSpeed's `Experts` stamped on its parameters (None: never stamped)."""
+    return next((getattr(p, "group_name", None) for p in experts.parameters()), None)
+
+
+def moe_all_to_all(group: Any, x: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's differentiable all-to-all of the [E, C, d] expert buffer over the expert group
+    (looked up at call time, so bench/instrument.py's profiler ranges see it)."""
+    from deepspeed.moe import sharded_moe
+
+    return sharded_moe._AllToAll.apply(group, x)
+
+
+def all_to_all_tensor(group: Any, x: torch.Tensor) -> torch.Tensor:
+    """A plain (no-grad) all-to-all of `x` split along dim 0 over `group`."""
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out
+
+
 def is_expert_param(p: torch.Tensor) -> bool:
     """DeepSpeed marks expert parameters `allreduce=False` (reduced over the expert-data group)."""
     return getattr(p, "allreduce", True) is False

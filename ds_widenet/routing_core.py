@@ -57,18 +57,24 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
                   used_token: Optional[Tensor], drop_tokens: bool,
                   ep_group: Optional[torch.distributed.ProcessGroup] = None):
     """Top-k routing with plain softmax gate values; returns DeepSpeed's sparse-route tuple
-    (l_aux, capacity, E, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts)."""
+    (l_aux, capacity, E, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts), the
+    capacity a Python int: from the shapes with drop_tokens (no host read), else the largest count."""
     num_tokens, num_experts = logits.shape
     probs = F.softmax(logits, dim=1)
     top_gates, top_idx = probs.topk(k, dim=1)  # [S, k]
-    used = torch.ones(num_tokens, device=logits.device) if used_token is None else used_token.float().reshape(-1)
-    masks = [F.one_hot(top_idx[:, j], num_experts) * used.long().unsqueeze(1) for j in range(k)]  # [S, E] each
-
-    n_used = used.sum().clamp(min=1.0)
-    me = (probs * used.unsqueeze(1)).sum(0) / n_used
-    ce = masks[0].float().sum(0) / n_used
+    idx = top_idx.t()  # [k, S]: the k choices as one block (no Python loop over them)
+    mask = F.one_hot(idx, num_experts)  # [k, S, E]
+    if used_token is None:
+        n_used = torch.full((), float(num_tokens), device=logits.device)
+        me = probs.mean(0)
+    else:
+        used = used_token.reshape(-1)
+        mask = mask * used.long().view(1, -1, 1)
+        n_used = used.float().sum().clamp(min=1.0)
+        me = (probs * used.float().unsqueeze(1)).sum(0) / n_used
+    ce = mask[0].sum(0).float() / n_used
     l_aux = num_experts * torch.sum(me * ce)
-    exp_counts = sum(m.sum(0) for m in masks).detach()
+    exp_counts = mask.sum((0, 1)).detach()
 
     if drop_tokens:
         capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity)
@@ -78,18 +84,13 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
             torch.distributed.all_reduce(cap, op=torch.distributed.ReduceOp.MAX, group=ep_group)
         capacity = max(int(cap), 1)
 
-    indices, locations, gates = [], [], []
-    taken = torch.zeros(num_experts, dtype=torch.long, device=logits.device)
-    for j, mask in enumerate(masks):
-        loc = torch.cumsum(mask, dim=0) - 1 + taken  # first choices queue before second choices
-        taken = taken + mask.sum(0)
-        kept = (mask * (loc < capacity)).sum(1).bool()
-        loc_s = (loc * mask).sum(1)
-        indices.append(torch.where(kept, top_idx[:, j], torch.full_like(top_idx[:, j], -1)))
-        locations.append(torch.where(kept, loc_s, torch.zeros_like(loc_s)))
-        gates.append(top_gates[:, j] * kept)
-    return (l_aux, torch.tensor(capacity), num_experts, torch.stack(indices).to(torch.int32),
-            torch.stack(locations).to(torch.int32), torch.stack(gates), exp_counts)
+    # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice.
+    loc = (mask.view(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
+    loc_s = (loc * mask).sum(-1)  # [k, S]: the route's place in its expert's queue (0 where masked)
+    kept = (mask.sum(-1) > 0) & (loc_s < capacity)
+    indices = torch.where(kept, idx, torch.full_like(idx, -1)).to(torch.int32)
+    locations = torch.where(kept, loc_s, torch.zeros_like(loc_s)).to(torch.int32)
+    return l_aux, capacity, num_experts, indices, locations, top_gates.t() * kept, exp_counts
 
 
 def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:

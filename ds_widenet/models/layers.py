@@ -13,7 +13,8 @@ from .. import rng
 from ..config import MoEConfig
 from .. import deepspeed_internals as dsi
 from ..standalone import Mlp  # one definition for training and inference (standalone imports no DeepSpeed)
-from .routing import DeepSpeedGate, PaperGate, RouteKey, RoutingStats, gate_entropy, route_context, stats_from_routes
+from .moe_layer import SparseMoELayer
+from .routing import DeepSpeedGate, PaperGate, RouteKey, RoutingStats, stats_from_routes
 
 
 class PatchEmbed(nn.Module):
@@ -101,9 +102,8 @@ class MoEFFN(nn.Module):
                                  cfg.min_capacity, noisy_gate_policy=None, drop_tokens=cfg.drop_tokens, use_rts=False,
                                  top2_2nd_expert_sampling=True)
         dsi.set_moe_gate(self.moe, gate)
-        self._routes: Optional[Tensor] = None
-        self._entropy: Optional[Tensor] = None
-        self.gate.register_forward_hook(self._capture_routes)
+        # DeepSpeed's layer with the experts as grouped matmuls over the filled slots (moe_layer.py)
+        dsi.set_moe_layer(self.moe, SparseMoELayer.from_layer(dsi.moe_layer(self.moe), Mlp(dim, cfg.expert_dim)))
 
     @property
     def gate(self) -> TopKGate:
@@ -113,19 +113,12 @@ class MoEFFN(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return dsi.moe_local_experts(self.moe)
 
-    def _capture_routes(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        # MOELayer keeps only l_aux and exp_counts; the per-token routes are what the stats need.
-        self._routes = output[3]
-        self._entropy = gate_entropy(module, args)
-
     def forward(self, x: Tensor, depth: int = 0, key: Optional[RouteKey] = None,
                 used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, RoutingStats]:
-        self._routes = None
-        with route_context(self.gate, depth, key):
-            out, l_aux, _ = self.moe(x, used_token)
-        stats = stats_from_routes(l_aux, self._routes, self.cfg.num_experts, x.shape[0], used_token, self._entropy)
-        self._routes = self._entropy = None
-        return _dropout(out, self.dropout, self.training, key, depth, rng.SITE_FFN_DROP), l_aux, stats
+        res = dsi.moe_layer(self.moe)(x, used_token, depth, key)
+        r = res.routes
+        stats = stats_from_routes(r.aux_loss, r.indices, self.cfg.num_experts, x.shape[0], used_token, r.entropy)
+        return _dropout(res.output, self.dropout, self.training, key, depth, rng.SITE_FFN_DROP), r.aux_loss, stats
 
     @torch.no_grad()
     def init_experts(self, seed: int, ep_rank: int, std: float = 0.02) -> None:

@@ -13,15 +13,14 @@ Two gates plug into `deepspeed.moe.layer.MoE`:
   is the same on any world size and on activation-checkpoint recompute. With
   `per_depth_gate` it holds one gate matrix per depth (the Colossal-AI port), indexed by depth.
 
-The MoE layer calls its gate with positional arguments only, so the per-call context (depth,
-noise key) is handed over with `route_context`, set by the caller for the span of one call.
+Both are called by `moe_layer.SparseMoELayer` as `gate(tokens, used_token, depth, key)` and return a
+`Routes`: the call's context (depth, noise key) is an argument, the capacity a Python int (decided from
+shapes: nothing read back from the device), the router entropy part of the result.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +47,22 @@ def keyed_router_noise(shape: torch.Size, depth: int, key: Optional[RouteKey], d
     return noise.reshape(tokens, experts)
 
 
+@dataclass
+class Routes:
+    """What a gate decides for one call: balance loss, capacity C (slots per expert), and per route
+    ([k, S]) the expert (-1: not routed), its slot in that expert and its gate value; the router
+    entropy of the call (see routing_core.RoutingStats)."""
+
+    aux_loss: Tensor
+    capacity: int
+    indices: Tensor
+    locations: Tensor
+    gates: Tensor
+    entropy: Optional[Tensor]
+
+
 class PaperGate(TopKGate):
-    """The paper's router (see module doc). Drop-in for DeepSpeed's MOELayer (sparse routes)."""
+    """The paper's router (see module doc)."""
 
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
@@ -64,8 +77,6 @@ class PaperGate(TopKGate):
         # Where the training noise comes from: keyed by default; anything with this signature
         # (e.g. a rank-local generator, to show what keyed noise protects against) can replace it.
         self.noise_source: NoiseSource = keyed_router_noise
-        self.context: Optional[tuple[int, Optional[RouteKey]]] = None
-        self.last_entropy: Optional[Tensor] = None  # router entropy of the last call (see RoutingStats)
 
     def logits(self, x: Tensor, depth: int) -> Tensor:
         e = self.wg.out_features // self.num_depths
@@ -74,17 +85,15 @@ class PaperGate(TopKGate):
             w = w[depth * e:(depth + 1) * e]  # slice before the cast: only this depth's matrix
         return F.linear(x.float(), w.float())
 
-    def forward(self, input: Tensor, used_token: Optional[Tensor] = None, sparse_routes: bool = False,
-                use_tutel: bool = False):  # type: ignore[override]
-        if not sparse_routes or use_tutel:
-            raise NotImplementedError("PaperGate implements DeepSpeed 0.19's sparse-route gate protocol only")
-        depth, key = self.context if self.context is not None else (0, None)
+    def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
+                key: Optional[RouteKey] = None) -> Routes:
         logits = self.logits(input, depth)
         if self.training and self.noise_std > 0:
             logits = logits + self.noise_std * self.noise_source(logits.shape, depth, key, logits.device)
-        self.last_entropy = router_entropy(logits, used_token)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        return paper_routing(logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group)
+        l_aux, capacity, _, indices, locations, gates, _ = paper_routing(
+            logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group)
+        return Routes(l_aux, capacity, indices, locations, gates, router_entropy(logits, used_token))
 
 
 class DeepSpeedGate(TopKGate):
@@ -98,36 +107,15 @@ class DeepSpeedGate(TopKGate):
     DeepSpeed's top-2 gating ignores `used_token`: evaluation padding takes expert capacity with
     this router (with router="paper" it takes none)."""
 
-    def forward(self, input: Tensor, used_token: Optional[Tensor] = None, sparse_routes: bool = False,
-                use_tutel: bool = False):  # type: ignore[override]
+    def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
+                key: Optional[RouteKey] = None) -> Routes:
         sampling = self.top2_2nd_expert_sampling
         self.top2_2nd_expert_sampling = sampling and self.training
         try:
-            return super().forward(input, used_token, sparse_routes, use_tutel)
+            l_aux, capacity, _, indices, locations, gates, _ = super().forward(input, used_token, True, False)
         finally:
             self.top2_2nd_expert_sampling = sampling
-
-
-@contextlib.contextmanager
-def route_context(gate: TopKGate, depth: int, key: Optional[RouteKey]) -> Iterator[None]:
-    """Hand (depth, key) to a PaperGate for one call; a no-op for DeepSpeed's TopKGate."""
-    if not isinstance(gate, PaperGate):
-        yield
-        return
-    gate.context = (depth, key)
-    try:
-        yield
-    finally:
-        gate.context = None
-
-
-def gate_entropy(gate: TopKGate, args: tuple) -> Tensor:
-    """Router entropy of the gate call whose positional arguments were `args` (input, used_token, ...):
-    PaperGate keeps it from its forward (noise included); DeepSpeed's TopKGate has it recomputed from
-    its weights (its probabilities are softmax(wg(x)): the project never sets noisy_gate_policy, and
-    the Gumbel sampling of the second expert does not change them)."""
-    if isinstance(gate, PaperGate) and gate.last_entropy is not None:
-        return gate.last_entropy
-    with torch.no_grad():
-        logits = F.linear(args[0].float(), gate.wg.weight.float())
-    return router_entropy(logits, args[1] if len(args) > 1 else None)
+        with torch.no_grad():  # softmax(wg(x)) is what routed: noisy_gate_policy is never set
+            entropy = router_entropy(F.linear(input.float(), self.wg.weight.float()), used_token)
+        # DeepSpeed's capacity is a tensor: one host read (and a graph break under torch.compile)
+        return Routes(l_aux, int(capacity), indices, locations, gates, entropy)

@@ -1,0 +1,122 @@
+"""models/moe_layer.py: the grouped experts equal DeepSpeed's per-expert loop, the sparse layer equals a
+per-route reference (forward and gradients), and DeepSpeed's parameter names and marks are kept."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ds_widenet  # noqa: F401  (selects DeepSpeed's CPU accelerator before deepspeed is imported)
+from deepspeed.moe.experts import Experts
+from ds_widenet.config import MoEConfig
+from ds_widenet.models import moe_layer
+from ds_widenet.models.layers import MoEFFN, Mlp
+from ds_widenet.models.routing import RouteKey
+
+
+def _experts(local: int = 3, dim: int = 8, hidden: int = 12) -> moe_layer.GroupedExperts:
+    torch.manual_seed(0)
+    ex = moe_layer.GroupedExperts(Mlp(dim, hidden), local, "ep_size_1")
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_()  # biases too: a zero bias would hide a bias routed to the wrong expert
+    return ex
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def test_grouped_and_batched_experts_equal_deepspeeds_loop_on_every_filled_slot():
+    ex = _experts()
+    ranks, local, cap, d = 2, 3, 5, 8
+    buf = torch.randn(ranks, local, cap, d)
+    ref = Experts.forward(ex, buf)  # DeepSpeed's loop over the local experts, every slot
+    assert _rel(ex.padded(buf), ref) < 1e-6
+    fill = (torch.rand(ranks, local, cap) < 0.6).int()
+    fill[:, 1] = 0  # an expert with no token at all
+    packed = int(fill.sum()) + 3  # spare rows past the last offset: never multiplied, never read
+    dest, offs = moe_layer.pack_slots(fill, packed)
+    source = torch.full((packed + 1,), ranks * local * cap).scatter_(0, dest, torch.arange(ranks * local * cap))
+    rows = torch.cat([buf.reshape(-1, d), torch.zeros(1, d)]).index_select(0, source[:-1])
+    out = ex.grouped(rows, offs)
+    filled = fill.reshape(-1).bool()
+    assert _rel(out[dest[filled]], ref.reshape(-1, d)[filled]) < 1e-6
+
+
+def test_pack_slots_orders_rows_expert_major_then_by_source_rank():
+    fill = torch.tensor([[[1, 0, 1], [0, 0, 0]],    # rank 0: expert 0 slots 0, 2
+                         [[1, 1, 0], [0, 1, 0]]])   # rank 1: expert 0 slots 0, 1; expert 1 slot 1
+    dest, offs = moe_layer.pack_slots(fill, 6)
+    assert offs.tolist() == [4, 5]
+    assert dest.view(2, 2, 3).tolist() == [[[0, 6, 1], [6, 6, 6]], [[2, 3, 6], [6, 4, 6]]]
+
+
+def _layer(ep_cf: float = 1.2, experts: int = 4, router: str = "paper") -> MoEFFN:
+    cfg = MoEConfig(num_experts=experts, k=2, expert_dim=12, capacity_factor=ep_cf, min_capacity=1, router=router)
+    ffn = MoEFFN(8, cfg)
+    ffn.init_experts(seed=3, ep_rank=0)
+    with torch.no_grad():
+        for e in ffn.local_experts:
+            e.fc1.bias.normal_()
+            e.fc2.bias.normal_()
+    return ffn
+
+
+def _per_route_reference(ffn: MoEFFN, x: torch.Tensor, routes) -> torch.Tensor:
+    """sum over the kept routes of gate * expert(token), one token at a time."""
+    tokens = x.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(tokens)
+    for j in range(routes.indices.shape[0]):
+        for s in range(tokens.shape[0]):
+            e = int(routes.indices[j, s])
+            if e >= 0:
+                out[s] = out[s] + routes.gates[j, s] * ffn.local_experts[e](tokens[s:s + 1])[0]
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.2, 8.0])
+def test_sparse_layer_equals_a_per_route_reference_with_its_gradients(cf: float):
+    ffn = _layer(cf)
+    ffn.train()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    key = RouteKey(seed=1, step=2, sample_ids=torch.arange(3))
+    res = moe_layer_call(ffn, x, key)
+    assert (res.routes.indices < 0).any() == (cf < 1.0)  # low capacity drops routes, high keeps all
+    ref = _per_route_reference(ffn, x, res.routes)  # the same gates (one graph): full gradients compare
+    assert _rel(res.output, ref) < 1e-6
+    w = torch.randn_like(ref)
+    params = [x, *ffn.parameters()]
+    g = torch.autograd.grad((res.output * w).sum(), params, retain_graph=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) < 1e-5
+    assert all(torch.isfinite(t).all() for t in g)
+
+
+def moe_layer_call(ffn: MoEFFN, x: torch.Tensor, key: RouteKey) -> moe_layer.MoELayerOutput:
+    from ds_widenet import deepspeed_internals as dsi
+
+    return dsi.moe_layer(ffn.moe)(x, None, 0, key)
+
+
+def test_the_batched_fallback_gives_the_grouped_result(monkeypatch: pytest.MonkeyPatch):
+    ffn = _layer()
+    ffn.eval()
+    x = torch.randn(4, 5, 8)
+    grouped = moe_layer_call(ffn, x, None).output
+    monkeypatch.setattr(moe_layer, "grouped_mm_available", lambda *a: False)
+    assert _rel(moe_layer_call(ffn, x, None).output, grouped) < 1e-6
+
+
+def test_deepspeeds_parameter_names_and_expert_marks_are_kept():
+    ffn = _layer()
+    keys = set(ffn.state_dict())
+    for i in range(4):
+        for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            assert f"moe.deepspeed_moe.experts.deepspeed_experts.{i}.{name}" in keys
+    assert "moe.deepspeed_moe.gate.wg.weight" in keys
+    assert len(keys) == 4 * 4 + 1
+    for n, p in ffn.named_parameters():
+        assert getattr(p, "allreduce", True) == ("deepspeed_experts" not in n), n
+    assert isinstance(ffn.moe.deepspeed_moe, moe_layer.SparseMoELayer)
