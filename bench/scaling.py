@@ -226,7 +226,7 @@ def project(cfg: common.ModelConfig, lay: Layout, hw: Hardware, params: Optional
         "weights": w_b * (p_ne + p_e_local),
         "gradients": g_b * (p_ne / grad_div_ne + p_e_local / grad_div_e),
         "optimizer_state": o_b * local_opt_params,
-        "activations": activation_bytes(cfg, lay.micro_batch, act_b, lay.grad_ckpt),
+        "activations": activation_bytes(cfg, lay.micro_batch, act_b, lay.grad_ckpt, ep_size=lay.ep_size),
         "reserve": hw.reserve_bytes,
     }
     mem["total"] = sum(mem.values())

@@ -253,7 +253,7 @@ def main() -> int:
         profile = range_times(prof, args.profile)
 
     mem = {"params": params_b, "grads": grads["total"], "grads_detail": grads, "optimizer_state": opt_b["total"], "optimizer_detail": opt_b,
-           "activations": act_b, "activations_estimate": activation_bytes(cfg, args.micro, 4),
+           "activations": act_b, "activations_estimate": activation_bytes(cfg, args.micro, 4, ep_size=args.ep),
            "rss_after_import": rss_import, "rss_after_init_distributed": rss_dist, "rss_after_build_model": rss_model,
            "rss_after_deepspeed_initialize": rss_engine, "rss_before_step": rss_before, "rss_peak_step": rss_peak,
            "peak_rss_method": "VmHWM reset via /proc/self/clear_refs" if hwm_ok else "unavailable"}

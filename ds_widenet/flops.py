@@ -20,12 +20,16 @@ input (the images) needs no gradient: only its weight gradient, 1x. Hence
     train FLOPs = 2 * (3 * MACs_fwd - MACs_embed)
 This "model" count is what utilization (MFU) is computed from.
 
-"Executed" FLOPs count what DeepSpeed's MoE really multiplies: the experts run on E*C capacity slots,
-C = max(ceil(k*S/E * cf), min_capacity) (`drop_tokens=True`; S = tokens of the rank's micro-batch),
-empty slots included. With the paper's cf = 1.2 the experts do ~1.2x the activated work; the
-step-time comparison against a dense FFN of width k*h_e has to pay that. (With drop_tokens=False the
-capacity is data dependent; k*S is used.) `torch.utils.flop_counter.FlopCounterMode` agrees with the
-executed count exactly when attention runs as explicit matmuls (tests/test_bench.py).
+"Executed" FLOPs count what the MoE layer really multiplies. The experts run as grouped matmuls over
+the filled capacity slots only (models/moe_layer.py): k*S routes less those dropped by capacity, at
+most min(E*C, k*S) rows, C = max(ceil(k*S/E * cf), min_capacity) (`drop_tokens=True`; S = tokens of the
+rank's micro-batch). That bound is the executed count: exact when no route is dropped (drops are data
+dependent). Where the device has no grouped matmul for the dtype, the fallback (and DeepSpeed's own
+`Experts`) multiplies all E*C slots, empty ones included (`padded=True`: ~1.2x the activated work at the
+paper's cf = 1.2). (With drop_tokens=False the capacity is data dependent; k*S is used.)
+`torch.utils.flop_counter.FlopCounterMode` (which reads the grouped matmuls' real row counts) agrees
+with the executed count exactly when attention runs as explicit matmuls and no route is dropped
+(tests/test_bench.py).
 
 Not counted (not matmuls, O(S*d) or O(params)): softmax, LayerNorm, GELU, biases, residual adds,
 dropout, the router's softmax/top-k/cumsum, dispatch/combine copies, the loss, the optimizer step.
@@ -79,7 +83,7 @@ class LayerCost:
     name: str
     calls: int
     fwd_macs: int  # activated (k experts per token)
-    fwd_macs_executed: int  # experts on all E*C capacity slots
+    fwd_macs_executed: int  # experts on the filled slots' bound (or all E*C slots: padded)
     bwd_factor: int = 2  # backward MACs = bwd_factor * forward MACs
 
     def as_dict(self) -> dict[str, Any]:
@@ -89,7 +93,19 @@ class LayerCost:
                 "train_flops_executed": 2 * self.fwd_macs_executed * (1 + self.bwd_factor) * self.calls}
 
 
-def layer_costs(cfg: ModelConfig, batch: int) -> list[LayerCost]:
+def expert_rows(cfg: ModelConfig, tokens: int, padded: bool = False, ep_size: int = 1) -> int:
+    """Rows of a rank's expert buffer for `tokens` tokens per rank: all E*C slots (`padded`), or the
+    grouped path's packed buffer, sized by the bound on the filled slots: from each of the ep_size
+    source ranks at most min(L*C, k*S) (L = E / ep_size local experts; see the module doc)."""
+    moe = cfg.moe
+    assert moe is not None
+    cap = capacity(cfg, tokens)
+    if padded:
+        return moe.num_experts * cap
+    return ep_size * min(moe.num_experts // ep_size * cap, moe.k * tokens)
+
+
+def layer_costs(cfg: ModelConfig, batch: int, padded: bool = False) -> list[LayerCost]:
     """Per-layer forward costs of one micro-batch of `batch` images (see the module doc)."""
     d, t, n = cfg.embed_dim, tokens_per_image(cfg), cfg.num_patches
     s = batch * t
@@ -106,16 +122,16 @@ def layer_costs(cfg: ModelConfig, batch: int) -> list[LayerCost]:
         router = s * d * moe.num_experts
         out.append(LayerCost("moe_router", moe_calls(cfg), router, router))
         act = moe.k * s * 2 * d * moe.expert_dim
-        exe = moe.num_experts * capacity(cfg, s) * 2 * d * moe.expert_dim
+        exe = expert_rows(cfg, s, padded) * 2 * d * moe.expert_dim
         out.append(LayerCost("moe_experts", moe_calls(cfg), act, exe))
     head = batch * d * cfg.num_classes + (batch * d * d if cfg.pre_logits else 0)
     out.append(LayerCost("head", 1, head, head))
     return out
 
 
-def step_flops(cfg: ModelConfig, batch: int) -> dict[str, Any]:
+def step_flops(cfg: ModelConfig, batch: int, padded: bool = False) -> dict[str, Any]:
     """FLOPs of one training step (forward + backward) of `batch` images, and of the forward."""
-    layers = layer_costs(cfg, batch)
+    layers = layer_costs(cfg, batch, padded)
     fwd = sum(2 * lc.fwd_macs * lc.calls for lc in layers)
     fwd_exe = sum(2 * lc.fwd_macs_executed * lc.calls for lc in layers)
     train = sum(2 * lc.fwd_macs * (1 + lc.bwd_factor) * lc.calls for lc in layers)
@@ -136,7 +152,8 @@ def param_split(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "expert": expert, "non_expert": total - expert}
 
 
-def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: bool = False) -> dict[str, float]:
+def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: bool = False,
+                                  padded: bool = False, ep_size: int = 1) -> dict[str, float]:
     """Tensors saved for backward, per token, without activation checkpointing, split into elements
     of the model dtype (`act`) and of fp32 (`fp32`: LayerNorm statistics, attention log-sum-exp, the
     router, which computes in fp32). Counted op by op and calibrated against
@@ -144,7 +161,8 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
     `measure_saved_bytes` and tests/test_bench.py). Per block:
         attention   6d (LN in/out, qkv, proj in) + heads (lse, fp32) + 2 (LN stats, fp32)
         dense FFN   2d (LN in/out) + 2h (fc1 out, GELU out) + 2 (LN stats, fp32)
-        MoE FFN     2d + (E*C/S)*(d + 2h_e) (expert fc1 in/out, GELU out over capacity slots)
+        MoE FFN     2d + (R/S)*(d + 2h_e) (expert fc1 in/out, GELU out over the R = expert_rows
+                    rows: the filled slots' bound, or all E*C slots when `padded`)
                     + k*d (routed outputs in the combine) + 5E + 2 (router, LN stats: fp32)
                     + d/2 fp32 when the model is bf16/fp16 (the router's fp32 copy of its input,
                     net of the 16-bit tensors it stands in for; measured)
@@ -164,7 +182,7 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
     if nm:
         moe = cfg.moe
         assert moe is not None
-        slots = moe.num_experts * capacity(cfg, s) / s
+        slots = expert_rows(cfg, s, padded, ep_size) / s
         act += (2 * d + slots * (d + 2 * moe.expert_dim) + moe.k * d) * nm
         f32 += (5 * moe.num_experts + 2 + (d / 2 if low_precision else 0)) * nm
     if cfg.dropout > 0:
@@ -172,11 +190,12 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
     return {"act": act, "fp32": f32}
 
 
-def activation_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int = 4, grad_ckpt: bool = False) -> float:
+def activation_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int = 4, grad_ckpt: bool = False,
+                     padded: bool = False, ep_size: int = 1) -> float:
     """Estimated bytes saved for backward by one micro-batch. With activation checkpointing per
     depth, only each block's input (d per token) is kept, plus one block recomputed at a time."""
     t = tokens_per_image(cfg)
-    per = activation_elements_per_token(cfg, batch, low_precision=dtype_bytes < 4)
+    per = activation_elements_per_token(cfg, batch, low_precision=dtype_bytes < 4, padded=padded, ep_size=ep_size)
     full = batch * t * (per["act"] * dtype_bytes + per["fp32"] * 4)
     if not grad_ckpt:
         return full

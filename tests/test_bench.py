@@ -73,10 +73,16 @@ def test_flops_match_hand_count():
     f = step_flops(cfg, b)
     assert f["forward"] == 2 * fwd
     assert f["train"] == 2 * (3 * fwd - embed) == 87328  # backward 2x, the patch embed 1x
-    # executed: capacity ceil(8/4 * 1.2 * 2) = 5 slots per expert, 20 slots instead of k*S = 16
+    # executed, padded (DeepSpeed's Experts, the fallback): capacity ceil(8/4 * 1.2 * 2) = 5 slots per
+    # expert, 20 slots instead of k*S = 16; grouped: at most the k*S = 16 filled rows
     assert capacity(cfg, 8) == 5
     fwd_exe = fwd + 2 * (4 * 5 * 2 * 8 * 16 - experts)
-    assert f["train_executed"] == 2 * (3 * fwd_exe - embed) == 99616
+    assert step_flops(cfg, b, padded=True)["train_executed"] == 2 * (3 * fwd_exe - embed) == 99616
+    assert f["train_executed"] == f["train"]
+    # capacity factor 0.5, min_capacity 2: 4 * 2 = 8 slots, fewer than the 16 routes: the bound is the slots
+    tight = tiny_widenet(moe={"capacity_factor": 0.5, "min_capacity": 2})
+    assert capacity(tight, 8) == 2
+    assert step_flops(tight, b)["train_executed"] == 87328 - 2 * 3 * 2 * (2 * 8 - 4 * 2) * 2 * 8 * 16
     layers = {lc["name"]: lc for lc in f["layers"]}
     assert layers["attention"]["calls"] == 2 and layers["moe_experts"]["calls"] == 2
     assert layers["patch_embed"]["bwd_factor"] == 1
@@ -85,15 +91,15 @@ def test_flops_match_hand_count():
 
 
 def test_flops_agree_with_torch_flop_counter():
-    """With attention dropout the attention runs as explicit matmuls, which FlopCounterMode sees:
-    the executed count must then equal torch's count of a real forward + backward."""
+    """With attention dropout the attention runs as explicit matmuls, which FlopCounterMode sees (and
+    the grouped expert matmuls, through their registered formulas: their real row counts). With
+    capacity for every route the executed count must equal torch's count of a real forward +
+    backward; with drops, torch's count is below the bound by the dropped routes' work."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ds_widenet.models import build_model
 
-    for cfg in (tiny_widenet(attn_dropout=0.1),
-                common.model_config("vit-moe-digits", ["model.attn_dropout=0.1", "model.depth=3", "model.moe_last_n=1",
-                                                       "model.pool=cls"])):
+    def counted(cfg):
         model = build_model(cfg)
         model.train()
         x = torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size)
@@ -101,7 +107,17 @@ def test_flops_agree_with_torch_flop_counter():
         with counter:
             out = model(x)
             (out.logits.sum() + out.aux_loss).backward()
-        assert counter.get_total_flops() == step_flops(cfg, 3)["train_executed"], cfg.arch
+        return counter.get_total_flops()
+
+    roomy = tiny_widenet(attn_dropout=0.1, moe={"capacity_factor": 8.0})
+    vit_moe = common.model_config("vit-moe-digits", ["model.attn_dropout=0.1", "model.depth=3", "model.moe_last_n=1",
+                                                     "model.pool=cls", "model.moe.capacity_factor=8.0"])
+    for cfg in (roomy, vit_moe):
+        assert counted(cfg) == step_flops(cfg, 3)["train_executed"] == step_flops(cfg, 3)["train"], cfg.arch
+    tight = tiny_widenet(attn_dropout=0.1, moe={"capacity_factor": 0.5, "min_capacity": 1})
+    per_route = 3 * 2 * 2 * tight.embed_dim * tight.moe.expert_dim  # fwd + bwd FLOPs of one routed token
+    bound, n = step_flops(tight, 3)["train_executed"], counted(tight)
+    assert bound < step_flops(tight, 3)["train"] and n <= bound and (bound - n) % per_route == 0
 
 
 def test_activation_estimate_matches_saved_tensors():

@@ -30,6 +30,7 @@ import torch
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import deepspeed_internals as dsi
 from ..routing_core import RouteKey
@@ -37,9 +38,13 @@ from .routing import Routes
 
 
 # --------------------------------------------------------------------------------------------
-# The grouped matmul as a custom op: torch._grouped_mm computes float32 on the CPU, but its meta
+# The grouped matmuls as custom ops: torch._grouped_mm computes float32 on the CPU, but its meta
 # function (what torch.compile traces with) accepts bf16/fp16 only, so it is wrapped with its own
 # shape function and backward; compiled graphs then hold it as one opaque op (no graph break).
+# `grouped_linear` takes the experts' weights as a list and stacks them inside the op, so the
+# [G, out, in] copy is transient: autograd saves the parameters themselves, not a copy per call
+# (WideNet calls its one MoE layer at every depth: a saved stack would cost the expert weights
+# once per depth in activation memory).
 
 
 @torch.library.custom_op("ds_widenet::grouped_mm", mutates_args=())
@@ -56,7 +61,7 @@ def _grouped_mm_shape(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 @torch.library.custom_op("ds_widenet::grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
-    """The weight gradient of grouped_mm: per group, a[rows]^T @ g[rows] -> [G, k, n]."""
+    """Per group, a[rows]^T @ g[rows] -> [G, k, n] (the weight gradient of a grouped matmul)."""
     return torch._grouped_mm(a.t(), g, offs=offs)
 
 
@@ -65,20 +70,55 @@ def _grouped_mm_wgrad_shape(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
     return a.new_empty((offs.shape[0], a.shape[1], g.shape[1]))
 
 
-def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
+@torch.library.custom_op("ds_widenet::grouped_linear", mutates_args=())
+def grouped_linear(x: Tensor, weights: list[Tensor], offs: Tensor) -> Tensor:
+    """x [N, in] whose rows offs[g-1]:offs[g] belong to group g, through group g's nn.Linear weight
+    weights[g] [out, in] -> [N, out] (rows past offs[-1] unspecified)."""
+    return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offs)
 
 
-def _grouped_mm_backward(ctx, grad: Tensor):  # noqa: ANN001
-    a, b, offs = ctx.saved_tensors
+@grouped_linear.register_fake
+def _grouped_linear_shape(x: Tensor, weights: list[Tensor], offs: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weights[0].shape[0]))
+
+
+def _grouped_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+    x, weights, offs = inputs
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(x, offs, *weights)
+
+
+def _grouped_linear_backward(ctx, grad: Tensor):  # noqa: ANN001
+    x, offs, *weights = ctx.saved_tensors
     grad = grad.contiguous()  # an expanded gradient (e.g. of a sum) has zero strides: refused
-    ga = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    gb = grouped_mm_wgrad(a, grad, offs) if ctx.needs_input_grad[1] else None
-    return ga, gb, None
+    gx = grouped_mm(grad, torch.stack(weights), offs)
+    gw = list(grouped_mm_wgrad(grad, x, offs).unbind(0))  # [G, out, in]: nn.Linear's layout
+    return gx, gw, None
 
 
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
+
+
+def _filled_rows(offs: Tensor, bound: int) -> int:
+    """offs[-1] (the rows a grouped matmul multiplies) for FlopCounterMode; `bound` under fake
+    tensors, where the value is not known."""
+    try:
+        return int(offs[-1])
+    except Exception:  # noqa: BLE001 (fake / meta tensors raise several kinds)
+        return bound
+
+
+@register_flop_formula([torch.ops.ds_widenet.grouped_mm, torch.ops.ds_widenet.grouped_mm_wgrad], get_raw=True)
+def _grouped_mm_flops(a: Tensor, b: Tensor, offs: Tensor, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+    # grouped_mm: [N, k] x [G, k, n]; grouped_mm_wgrad: [N, k]^T x [N, n]: 2 * filled rows * k * n
+    n = b.shape[-1]
+    return 2 * _filled_rows(offs, a.shape[0]) * a.shape[1] * n
+
+
+@register_flop_formula(torch.ops.ds_widenet.grouped_linear, get_raw=True)
+def _grouped_linear_flops(x: Tensor, weights: list[Tensor], offs: Tensor, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+    out, inp = weights[0].shape
+    return 2 * _filled_rows(offs, x.shape[0]) * inp * out
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,8 +195,10 @@ class MoELayerOutput:
     routes: Routes
 
 
-def _with_zero_row(b: Tensor) -> Tensor:
-    return torch.cat([b, b.new_zeros(1, b.shape[1])])
+def _bias_rows(layers: list[torch.nn.Linear], expert: Tensor) -> Tensor:
+    """Each row's expert bias; a zero row for the index len(layers) (rows past the last offset)."""
+    b = torch.stack([m.bias for m in layers])
+    return torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, expert)
 
 
 class GroupedExperts(Experts):
@@ -164,9 +206,12 @@ class GroupedExperts(Experts):
     same `allreduce=False` marks) run as one grouped matmul per projection over the packed rows.
     `Experts.forward` (the per-expert loop over [ranks, L, C, d]) stays the reference."""
 
+    def _linears(self, name: str) -> list[torch.nn.Linear]:
+        return [getattr(e, name) for e in dsi.experts_modules(self)]
+
     def _stacked(self, name: str) -> tuple[Tensor, Tensor]:
-        # A copy of E*d*h weights per call: small against the E*C*d*h multiply-adds it feeds.
-        layers = [getattr(e, name) for e in dsi.experts_modules(self)]
+        # The padded path's [L, out, in] copy (transient too: baddbmm saves it, the fallback only).
+        layers = self._linears(name)
         return torch.stack([m.weight for m in layers]), torch.stack([m.bias for m in layers])
 
     def _act(self, h: Tensor) -> Tensor:
@@ -177,14 +222,13 @@ class GroupedExperts(Experts):
         offs[-1] are never multiplied and hold garbage (uninitialised memory): callers never read them,
         and their bias index is a zero row of its own, so in the backward nothing they hold (a NaN
         times a zero gradient) reaches a parameter's gradient."""
-        w1, b1 = self._stacked("fc1")
-        w2, b2 = self._stacked("fc2")
+        fc1, fc2 = self._linears("fc1"), self._linears("fc2")
         # Each row's expert (len(experts) past the last offset: the discarded bias row).
         expert = torch.searchsorted(offs, torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32),
                                     right=True)
-        h = grouped_mm(rows, w1.transpose(1, 2), offs) + _with_zero_row(b1).index_select(0, expert)
+        h = grouped_linear(rows, [m.weight for m in fc1], offs) + _bias_rows(fc1, expert)
         h = self._act(h)
-        return grouped_mm(h, w2.transpose(1, 2), offs) + _with_zero_row(b2).index_select(0, expert)
+        return grouped_linear(h, [m.weight for m in fc2], offs) + _bias_rows(fc2, expert)
 
     def padded(self, buf: Tensor) -> Tensor:
         """[ranks, L, C, d] -> the same shape, every slot multiplied: one batched matmul per projection."""
