@@ -85,7 +85,7 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
         capacity = max(int(cap), 1)
 
     # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice.
-    loc = (mask.view(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
+    loc = (mask.reshape(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
     loc_s = (loc * mask).sum(-1)  # [k, S]: the route's place in its expert's queue (0 where masked)
     kept = (mask.sum(-1) > 0) & (loc_s < capacity)
     indices = torch.where(kept, idx, torch.full_like(idx, -1)).to(torch.int32)

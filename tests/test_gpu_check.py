@@ -69,8 +69,6 @@ def test_the_cpu_dry_run_runs_every_section_that_does_not_need_cuda(dry_run):
     assert c["compile_backend"] == "eager" and c["compile_seconds"] > 0 and c["dynamo"]["stats"]["unique_graphs"] >= 1
 
 
-@pytest.mark.xfail(reason="routing_core.paper_routing: mask.view(...) of a mask Dynamo's fake tensors cannot view; "
-                          ".reshape traces (the MoE models do not compile yet)", strict=False)
 def test_the_moe_models_trace_under_torch_compile(dry_run):
     _, d, _ = dry_run
     assert {n: d["sections"][n]["status"] for n in MOE_COMPILED} == {n: "ok" for n in MOE_COMPILED}
