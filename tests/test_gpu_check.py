@@ -23,11 +23,6 @@ SECTIONS = ["environment", "pytest_cuda", "bf16_engine_step", "nccl_all_reduce",
 CUDA_ONLY = ["nccl_all_reduce", "sync_debug_step", "fused_lamb_vs_lamb"]
 
 
-# torch.compile of the MoE models fails in Dynamo today: routing_core.paper_routing views a mask whose
-# fake-tensor strides are not viewable (`mask.view(k * num_tokens, num_experts)`; `.reshape` traces).
-MOE_COMPILED = ["throughput/widenet-digits/compiled", "throughput/vit-moe-digits/compiled"]
-
-
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
@@ -42,17 +37,17 @@ def test_the_cpu_dry_run_runs_every_section_that_does_not_need_cuda(dry_run):
     assert d is not None, res.stderr[-4000:]
     secs = d["sections"]
     failed = [n for n, s in secs.items() if s["status"] not in gpu_check.CPU_OK_STATUSES]
-    assert set(failed) <= set(MOE_COMPILED), {n: secs[n].get("error", secs[n]["status"]) for n in failed}
-    assert res.returncode == (1 if failed else 0), res.stderr[-4000:]
+    assert not failed, {n: secs[n].get("error", secs[n]["status"]) for n in failed}
+    assert res.returncode == 0, res.stderr[-4000:]
     assert d["benchmark"] == "gpu_check" and d["device"] == "cpu" and d["dry_run"] is True
-    assert d["budget_s"] == 480 and d["total_seconds"] < 40 and wall < 60, (d["total_seconds"], wall)
+    assert d["budget_s"] == 480 and d["total_seconds"] < 90 and wall < 110, (d["total_seconds"], wall)  # ~20 s idle
     assert list(secs) == SECTIONS
     assert all(s["seconds"] >= 0 for s in secs.values())
     for name in CUDA_ONLY:
         assert secs[name]["status"] == gpu_check.NEEDS_CUDA, name
     assert secs["pytest_cuda"]["status"] in (gpu_check.NO_CUDA_TESTS, gpu_check.NEEDS_CUDA)
     ran = ["environment", "bf16_engine_step", "export_evaluate", "keyed_dropout_vs_F_dropout",
-           "throughput/vit-digits/compiled", *[f"throughput/{p}/eager" for p in ("widenet-digits", "vit-digits", "vit-moe-digits")]]
+           *[f"throughput/{p}/{m}" for m in ("eager", "compiled") for p in ("widenet-digits", "vit-digits", "vit-moe-digits")]]
     assert all(secs[n]["status"] == "ok" for n in ran), {n: secs[n]["status"] for n in ran}
 
     eng = secs["bf16_engine_step"]
@@ -71,7 +66,9 @@ def test_the_cpu_dry_run_runs_every_section_that_does_not_need_cuda(dry_run):
 
 def test_the_moe_models_trace_under_torch_compile(dry_run):
     _, d, _ = dry_run
-    assert {n: d["sections"][n]["status"] for n in MOE_COMPILED} == {n: "ok" for n in MOE_COMPILED}
+    for p in ("widenet-digits", "vit-moe-digits"):
+        c = d["sections"][f"throughput/{p}/compiled"]
+        assert c["status"] == "ok" and c["dynamo"]["stats"]["unique_graphs"] >= 1, c
 
 
 def test_a_failing_section_is_recorded_and_the_next_ones_still_run(tmp_path):
