@@ -175,11 +175,73 @@ class ManualLoop:
                 (loss / accum if accum > 1 else loss).backward()
         if engine is None:
             if self.clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+                clip_by_global_norm(self.params, self.clip)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
         self.step_n += 1
+
+
+def clip_by_global_norm(params: Sequence[Any], max_norm: float) -> Any:
+    """Gradient clipping in plain torch with DeepSpeed's ZeRO-0 arithmetic (deepspeed.runtime.utils.
+    clip_grad_norm_ at world size 1, without its process-group calls): the norm is sqrt(sum of the
+    squared per-parameter fp32 norms) and every gradient is multiplied by min(1, max / (norm + 1e-6)).
+    torch.nn.utils.clip_grad_norm_ computes the same norm in another order; over a hundred MoE steps
+    one ulp of difference flips a route and the loops stop training the same thing."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum().float().pow(0.5)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return norm
+
+
+def piece_costs(trainer: Any, loop: "ManualLoop", reps: int = 10) -> dict[str, Any]:
+    """CPU ms of the pieces of an optimizer step the engine adds at world size 1, timed alone on the
+    trainer's own engine and gradients (no profiler): DeepSpeed's gradient all-reduce (it all-reduces
+    and copies back even with one rank), its gradient clipping against this script's (same norm) and
+    torch's clip_grad_norm_, its zero_grad against the torch optimizer's."""
+    from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip
+
+    engine = trainer.engine
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    images, labels, idx = next(loop.batches)
+    out = engine.module(images.to(trainer.device, trainer.dtype), sample_ids=idx.to(trainer.device), step=0,
+                        seed=trainer.recipe.seed)
+    (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+    saved = [p.grad.clone() if p.grad is not None else None for p in params]
+
+    def restore() -> None:
+        for p, g in zip(params, saved):
+            p.grad = None if g is None else g.clone()
+
+    def cost(fn: Any) -> float:
+        ts = []
+        for _ in range(reps):
+            restore()
+            common.sync(trainer.device)
+            t0 = time.process_time()
+            fn()
+            common.sync(trainer.device)
+            ts.append(time.process_time() - t0)
+        return 1e3 * statistics.median(ts)
+
+    clip = float(trainer.plan.ds_config.get("gradient_clipping", 0) or 1.0)
+    res = {
+        "deepspeed_allreduce_gradients_ms": cost(engine.allreduce_gradients),
+        "deepspeed_clip_grad_norm_ms": cost(lambda: ds_clip(parameters=engine.module.parameters(), max_norm=clip,
+                                                            mpu=engine.mpu)),
+        "bare_clip_by_global_norm_ms": cost(lambda: clip_by_global_norm(params, clip)),
+        "torch_clip_grad_norm_ms": cost(lambda: torch.nn.utils.clip_grad_norm_(params, clip)),
+        "deepspeed_zero_grad_ms": cost(engine.zero_grad),
+        "torch_zero_grad_ms": cost(lambda: trainer.engine.optimizer.zero_grad(set_to_none=True)),
+        "reps": reps,
+        "method": "median CPU ms of `reps` calls on the trainer engine's gradients of one micro-batch, restored "
+                  "before each call",
+    }
+    for p in params:
+        p.grad = None
+    return res
 
 
 def _trainer_class():
@@ -226,6 +288,7 @@ class Bench:
         self.mark = (0.0, 0.0)
         self.profiler: Optional[cProfile.Profile] = None
         self.profiles: dict[str, Any] = {}
+        self.pieces: Optional[dict[str, Any]] = None
 
     @property
     def total_rounds(self) -> int:
@@ -263,6 +326,8 @@ class Bench:
                 self.times[name].append((t1[0] - t0[0], t1[1] - t0[1]))
             loop.end_round()
         self.round += 1
+        if self.round == self.total_rounds and "bare" in self.loops:  # the end: nothing is timed any more
+            self.pieces = piece_costs(trainer, self.loops["bare"])
         if self.profile and self.round == self.warmup_rounds + self.rounds:  # profile the next trainer round
             self.profiler = cProfile.Profile(time.process_time)
             self.profiler.enable()
@@ -380,6 +445,7 @@ def run_preset(preset: str, batch: int, micro: Optional[int], steps_per_round: i
         "cpu_time": {"trainer_vs_bare": tb_cpu, "engine_vs_bare": ratios("engine", "bare", "cpu"),
                      "trainer_vs_engine": ratios("trainer", "engine", "cpu")},
         "loss_agreement_with_trainer": agreement,
+        "engine_pieces_cpu_ms": bench.pieces,
         "metrics_jsonl_images_per_s": {"timed_rounds": [round(x, 3) for x in timed_logged],
                                        "median": statistics.median(timed_logged) if timed_logged else None},
         "target": TARGET,

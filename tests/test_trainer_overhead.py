@@ -48,6 +48,10 @@ def test_trainer_overhead_json_at_tiny_settings(tmp_path):
         agree = r["loss_agreement_with_trainer"][name]
         assert len(agree["trainer_round_losses"]) == 4  # 1 warm-up + 2 timed + 1 profiled round
         assert agree["max_relative_loss_difference"] < 1e-5, agree
+    pieces = r["engine_pieces_cpu_ms"]  # what the engine adds per step at world size 1, timed alone
+    for key in ("deepspeed_allreduce_gradients_ms", "deepspeed_clip_grad_norm_ms", "bare_clip_by_global_norm_ms",
+                "torch_clip_grad_norm_ms", "deepspeed_zero_grad_ms", "torch_zero_grad_ms"):
+        assert pieces[key] > 0, key
     prof = r["profile"]
     for name in ("trainer", "bare"):
         assert prof[name]["profiled_cpu_ms_per_step"] > 0 and prof[name]["top_self"] and prof[name]["loop_side"]
