@@ -122,8 +122,7 @@ def _grouped_linear_flops(x: Tensor, weights: list[Tensor], offs: Tensor, *args,
 
 
 @functools.lru_cache(maxsize=None)
-def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs for this device and dtype (probed once on a tiny input)."""
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         a = torch.zeros(16, 16, device=device_type, dtype=dtype)
         b = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
@@ -131,6 +130,18 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs for this device and dtype (probed once on a tiny input, on
+    real tensors: under torch.compile the result is a constant of the trace. Traced, the probe
+    would run on fake tensors, whose meta function refuses float32, and the compiled graph would
+    silently take the padded fallback)."""
+    return _probe_grouped_mm(device_type, dtype)
+
+
+if hasattr(torch.compiler, "assume_constant_result"):
+    grouped_mm_available = torch.compiler.assume_constant_result(grouped_mm_available)
 
 
 # --------------------------------------------------------------------------------------------
