@@ -19,6 +19,13 @@ T tokens each (S = B*T), width d, FFN h, expert width h_e, E experts, k routes, 
     embedding needs no input gradient).
 "model" FLOPs count k experts per token (MFU-style utilization). "executed" FLOPs count the E*C capacity
 slots DeepSpeed's experts really multiply (cf = 1.2: ~1.2x the expert work).
+
+--compile [--compile-backend inductor|aot_eager|eager]: a second, identical model (same seed, batch and
+optimizer) compiled in place (nn.Module.compile, as train.compile does), timed against the eager one in
+interleaved rounds (eager then compiled, then the other way round, ...), so load drifts hit both. Its
+warm-up (at least 2 steps: the first compiles with the step counter as a constant, the second recompiles
+it as a dynamic int, then no more) is the compile time, reported on its own and excluded from timing.
+Both models take the same steps, so their parameters must end equal (the largest difference is reported).
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from ds_widenet.flops import param_split, step_flops  # noqa: E402
 
 def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int = 10, warmup: int = 3,
         dtype: str = "fp32", threads: Optional[int] = None, device: Optional[str] = None,
-        peak_sizes: Optional[Sequence[int]] = None, peak_seconds: float = 0.25) -> dict[str, Any]:
+        peak_sizes: Optional[Sequence[int]] = None, peak_seconds: float = 0.25,
+        compile: bool = False, compile_backend: str = "inductor") -> dict[str, Any]:
     import os
 
     torch = common.torch
@@ -45,9 +53,14 @@ def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int 
     dt = common.DTYPES[dtype]
     cfg = common.model_config(preset, overrides)
     trainer = common.PlainTrainer(cfg, batch, dev, dt)
-    for _ in range(warmup):
-        trainer.step()
-    times = [common.timed(trainer.step, dev) for _ in range(steps)]
+    compiled: Optional[dict[str, Any]] = None
+    if compile:
+        warmup = max(warmup, 2)  # both models take the same steps (their parameters are compared)
+        compiled, times = _compiled_against_eager(trainer, cfg, batch, dev, dt, warmup, steps, compile_backend)
+    else:
+        for _ in range(warmup):
+            trainer.step()
+        times = [common.timed(trainer.step, dev) for _ in range(steps)]
     peak = common.matmul_peak(dev, dt, peak_sizes, peak_seconds)
 
     fl = step_flops(cfg, batch)
@@ -83,6 +96,52 @@ def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int 
         "utilization": model_fps / peak["flops_per_s"],
         "utilization_executed": exe_fps / peak["flops_per_s"],
         "method": "median step time of forward+backward+AdamW step; device synchronised around each step",
+        **({"compiled": _compiled_summary(compiled, st, fl, batch, tokens, peak)} if compiled else {}),
+    }
+
+
+def _compiled_against_eager(eager: Any, cfg: Any, batch: int, dev: Any, dt: Any, warmup: int, steps: int,
+                            backend: str) -> tuple[dict[str, Any], list[float]]:
+    """Warm both up (the compiled model's warm-up is its compile time), then time them in interleaved
+    rounds. Returns the compiled model's record and the eager step times."""
+    torch = common.torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    comp = common.PlainTrainer(cfg, batch, dev, dt)
+    comp.model.compile(backend=backend)  # in place, as the trainer's train.compile does
+    for _ in range(warmup):
+        eager.step()
+    compile_steps = [common.timed(comp.step, dev) for _ in range(warmup)]
+    graphs_warm = counters["stats"]["unique_graphs"]
+    e_times: list[float] = []
+    c_times: list[float] = []
+    for i in range(steps):
+        order = [(eager, e_times), (comp, c_times)]
+        for t, out in (order if i % 2 == 0 else order[::-1]):
+            out.append(common.timed(t.step, dev))
+    diff = max((a - b).abs().max().item() for a, b in zip(eager.model.parameters(), comp.model.parameters()))
+    return {"backend": backend, "times": c_times, "compile_steps_s": compile_steps, "graphs_compiled": graphs_warm,
+            "recompiles_while_timed": counters["stats"]["unique_graphs"] - graphs_warm,
+            "graph_breaks": sum(counters["graph_break"].values()), "max_param_diff": diff}, e_times
+
+
+def _compiled_summary(c: dict[str, Any], eager_st: dict[str, Any], fl: dict[str, Any], batch: int, tokens: int,
+                      peak: dict[str, Any]) -> dict[str, Any]:
+    st = common.summary(c.pop("times"))
+    med = st["median"]
+    return {
+        **c,
+        "compile_s": sum(c["compile_steps_s"]),
+        "step_time_s": st,
+        "images_per_s": batch / med,
+        "tokens_per_s": tokens / med,
+        "model_flops_per_s": fl["train"] / med,
+        "utilization": fl["train"] / med / peak["flops_per_s"],
+        "step_time_ratio": med / eager_st["median"],  # compiled / eager median step time (< 1: compiled is faster)
+        "speedup": eager_st["median"] / med,
+        "method": "interleaved rounds (order alternating); compile_s = the compiled model's warm-up steps, not timed",
     }
 
 
@@ -97,12 +156,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     ap.add_argument("--peak-sizes", type=int, nargs="+", default=None, help="matmul sizes for the peak")
     ap.add_argument("--peak-seconds", type=float, default=0.25, help="time per matmul size")
+    ap.add_argument("--compile", action="store_true", help="also time the model compiled, side by side")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, eager)")
     ap.add_argument("--json", default=None, help="write the result here")
     ap.add_argument("overrides", nargs="*", help="model overrides, e.g. model.depth=4 model.moe.k=1")
     args = ap.parse_args(argv)
     try:
         res = run(args.preset, common.parse_overrides(args.overrides), args.batch, args.steps, args.warmup,
-                  args.dtype, args.threads, args.device, args.peak_sizes, args.peak_seconds)
+                  args.dtype, args.threads, args.device, args.peak_sizes, args.peak_seconds, args.compile,
+                  args.compile_backend)
     except common.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +178,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  {res['model_flops_per_s'] / 1e9:.1f} GFLOP/s model ({res['executed_flops_per_s'] / 1e9:.1f} executed); "
           f"matmul peak {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s -> utilization "
           f"{100 * res['utilization']:.1f}% ({100 * res['utilization_executed']:.1f}% executed)")
+    c = res.get("compiled")
+    if c:
+        print(f"  compiled ({c['backend']}): step {c['step_time_s']['median'] * 1e3:.1f} ms vs eager "
+              f"{res['step_time_s']['median'] * 1e3:.1f} ms (interleaved): compiled/eager {c['step_time_ratio']:.3f} "
+              f"(speedup {c['speedup']:.2f}x), {c['images_per_s']:.1f} images/s; compile {c['compile_s']:.1f} s "
+              f"(not timed), {c['graphs_compiled']} graphs, {c['graph_breaks']} graph breaks, "
+              f"{c['recompiles_while_timed']} recompiles while timed, parameters differ by {c['max_param_diff']:.2e}")
     return 0
 
 

@@ -53,6 +53,25 @@ def test_throughput_json(tmp_path):
     assert d["command"].startswith("python bench/throughput.py")
 
 
+def test_throughput_compile_times_compiled_and_eager_side_by_side(tmp_path):
+    # aot_eager: the traced graphs without C++ (inductor is the default, ~50 s cold here)
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, "bench/throughput.py", "--preset", "widenet-digits", "--batch", "4", "--steps", "2",
+           "--warmup", "1", "--threads", "1", "--peak-sizes", "64", "--peak-seconds", "0.01", "--compile",
+           "--compile-backend", "aot_eager", "--json", str(out), "model.depth=1", "model.embed_dim=32",
+           "model.num_heads=2", "model.moe.expert_dim=32"]
+    res = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    c = d["compiled"]
+    assert c["backend"] == "aot_eager" and c["step_time_s"]["n"] == d["step_time_s"]["n"] == 2
+    assert c["step_time_ratio"] == pytest.approx(c["step_time_s"]["median"] / d["step_time_s"]["median"])
+    assert len(c["compile_steps_s"]) == 2 and c["compile_s"] > 0  # warm-up raised to 2 steps
+    assert (c["graphs_compiled"], c["graph_breaks"], c["recompiles_while_timed"]) == (1, 0, 0)
+    assert c["max_param_diff"] < 1e-5  # the same steps on the same model
+    assert "compiled (aot_eager)" in res.stdout
+
+
 def test_throughput_refuses_bad_override():
     from bench.throughput import main
 
