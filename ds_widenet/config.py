@@ -207,8 +207,15 @@ class TrainConfig:
     # no update, no optimizer-state change; the step still counts for data order and schedule).
     nan_policy: str = "stop"
     nan_max_consecutive_skips: int = 10  # skip: stop the run after this many skipped steps in a row
+    # torch.compile the model (DeepSpeed's engine.compile: the module is compiled in place, so the
+    # state_dict keys and checkpoints are those of the eager model). Backend: torch's default
+    # (inductor), or e.g. "aot_eager" to trace without generating kernels.
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
+        if not self.compile_backend:
+            raise ConfigError("train.compile_backend is empty: use inductor (the default), aot_eager or eager")
         if self.log_format not in ("text", "json", "off"):
             raise ConfigError(f"train.log_format={self.log_format!r}: use text, json or off")
         if self.progress_bar not in ("auto", "on", "off"):

@@ -205,7 +205,7 @@ def optimizer_update_skipped(engine: Any) -> Iterator[None]:
     """Within the block, `engine.step()` runs without the torch optimizer's update: DeepSpeed has no
     "skip this step" call outside its fp16 overflow path. ZeRO/BF16 wrappers copy back their
     unchanged fp32 masters and the engine zeroes the gradients; the LR scheduler still advances.
-    `engine.skipped_steps` counts the skip, as DeepSpeed's own overflow skips do."""
+    `engine.skipped_steps` counts the skip once, as DeepSpeed's own overflow skips do."""
     opt = innermost_optimizer(engine.optimizer)
     had_attr = "step" in opt.__dict__
     original = opt.__dict__.get("step")
@@ -215,6 +215,7 @@ def optimizer_update_skipped(engine: Any) -> Iterator[None]:
 
     no_update._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     opt.step = no_update  # type: ignore[method-assign]
+    counted = engine.skipped_steps
     try:
         yield
     finally:
@@ -222,7 +223,13 @@ def optimizer_update_skipped(engine: Any) -> Iterator[None]:
             opt.step = original  # type: ignore[method-assign]
         else:
             del opt.step
-    engine.skipped_steps += 1
+    if engine.skipped_steps == counted:
+        engine.skipped_steps += 1
+    elif engine.lr_scheduler is not None:
+        # ZeRO 1/2 (fp32, fp16) saw the non-finite norm and took DeepSpeed's overflow path, which
+        # counts the skip but leaves the schedule where it was; a skipped step advances it
+        opt._opt_called = True  # type: ignore[attr-defined]
+        engine.lr_scheduler.step()
 
 
 def gradient_loss_scale(engine: Any) -> float:

@@ -225,12 +225,13 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def all_reduce_mean(values: list[float]) -> list[float]:
-    """The mean over ranks of a few host floats (one float64 all-reduce)."""
+def all_reduce_mean_tensor(t: torch.Tensor) -> list[float]:
+    """The mean over ranks of a small float64 tensor on the training device (an NCCL all-reduce
+    on a GPU, not a gloo one through the host), read back once."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
     if dist_world() > 1:
+        t = t.clone()
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()

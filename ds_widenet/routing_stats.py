@@ -41,7 +41,8 @@ def route_changes(routing: Sequence[RoutingStats]) -> tuple[torch.Tensor, torch.
 
 
 class RoutingAccumulator:
-    """Sums per-depth routing statistics over micro-steps; `reduce()` sums them over all ranks.
+    """Sums per-depth routing statistics over micro-steps, on their device; `reduce()` sums them
+    over all ranks and reads them back once.
     `route_change=True` also compares consecutive depths' expert choices (a sort per depth pair:
     evaluation only, kept off the training hot path)."""
 
@@ -72,7 +73,8 @@ class RoutingAccumulator:
                  torch.stack([r.entropy.float() if r.entropy is not None else nan for r in routing]) * w,
                  w, torch.stack([r.aux_loss.detach().float() for r in routing]), changed.to(dev), compared.to(dev)]
         sizes = [p.numel() for p in parts]
-        tokens, dropped, ent, w, aux, changed, compared = torch.cat(parts).cpu().split(sizes)  # one device sync
+        # on the device: no host read per micro-step (reduce() reads once, at a log step)
+        tokens, dropped, ent, w, aux, changed, compared = torch.cat(parts).split(sizes)
         tokens = tokens.view(d, -1)
         if self.tokens is None:
             self.tokens, self.dropped, self.entropy, self.weight, self.aux = tokens, dropped, ent, w, aux
@@ -94,11 +96,12 @@ class RoutingAccumulator:
         if self.tokens is None:
             return None
         parts = [self.tokens.flatten(), self.dropped, self.entropy, self.weight, self.aux, self.changed,
-                 self.compared, torch.tensor([float(self.calls)])]
+                 self.compared, self.tokens.new_tensor([float(self.calls)])]
         sizes = [p.numel() for p in parts]
         packed = torch.cat(parts).double()
         if dist_world() > 1:
-            dist.all_reduce(packed)
+            dist.all_reduce(packed)  # on the statistics' device (NCCL on a GPU)
+        packed = packed.cpu()  # the one read
         tokens, dropped, ent, weight, aux, changed, compared, calls = packed.split(sizes)
         tokens = tokens.view(self.tokens.shape)
         weight = weight.clamp(min=1e-12)

@@ -27,13 +27,25 @@ from . import deepspeed_internals as dsi
 from . import rng
 from .config import BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate, zero_stage
 from .data import mixup
-from .distributed import all_reduce_mean, any_rank
+from .distributed import all_reduce_mean_tensor
 from .optim import clip_grad_norm_global_, global_grad_norm
 from .routing_stats import RoutingAccumulator, routing_fields
 
 
 class TrainingError(RuntimeError):
     """A run-time failure with a one-line message (e.g. a non-finite loss)."""
+
+
+@dataclass
+class _Micro:
+    """One micro-batch of the accumulation window, kept on the device until its boundary."""
+
+    finite: torch.Tensor  # this rank's loss was finite (0-dim bool)
+    ce: torch.Tensor
+    aux: torch.Tensor
+    images: int
+    out: Any  # the ModelOutput (its routing statistics)
+    sample_ids: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +145,8 @@ class Trainer:
         return []
 
     def after_forward(self, out: Any, sample_ids: Any) -> None:
-        """Called after each counted micro-batch's forward (not for a skipped non-finite one)."""
+        """Called at the accumulation boundary for each counted micro-batch of the window, in order,
+        with its forward's output (not for one whose loss was non-finite on some rank)."""
 
     def before_optimizer_step(self) -> None:
         """Called at each accumulation boundary, after backward, before clipping and the step."""
@@ -238,6 +251,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=self.ds_engine_config)
         self._check_expert_ranks()
+        if recipe.train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
+            self.engine.compile(backend=recipe.train.compile_backend)
         self.dtype = next(self.engine.module.parameters()).dtype
         self.device = self.engine.device
         self.attach_zero_lamb()
@@ -329,6 +344,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         self.step, self.micro = self.start_step, 0
         self.window = self._new_window()
+        self.pending: list[_Micro] = []  # the current accumulation window's micro-batches
         self.routing = RoutingAccumulator()
         self.final: dict[str, Any] = {}
         self.train_start = time.time()
@@ -353,45 +369,67 @@ class Trainer:
             (self.plan.out / "final.json").write_text(json.dumps(self.final, indent=2))
         return self.final
 
-    @staticmethod
-    def _new_window() -> dict[str, Any]:
-        return {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "images": 0, "grad_norm": None}
+    def _new_window(self) -> dict[str, Any]:
+        # loss sums in float64 on the device: the same sums as Python floats of the fp32 losses
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return {"loss": zero, "aux": zero, "n": 0, "t0": time.time(), "images": 0, "grad_norm": None}
 
     def train_micro_step(self, images: Any, labels: Any, idx: Any) -> bool:
         """Forward and backward of one micro-batch, and the optimizer step at the accumulation
-        boundary. Returns whether this micro-batch ended an optimizer step."""
+        boundary. Returns whether this micro-batch ended an optimizer step.
+
+        Between two boundaries nothing is read back from the device and no collective is issued
+        by the trainer: the loss's finiteness, the losses and the routing statistics stay on the
+        device until the boundary, where one all-reduce and one read decide every rank's
+        nan_policy path (guards.NonFiniteGuard) and the window's counted micro-batches are added."""
         recipe, engine, step = self.recipe, self.engine, self.step
-        first = int(idx[0]) if len(idx) else 0  # read on the host, before the copy to the device
-        images, idx = images.to(self.device), idx.to(self.device)
-        images, targets = mixup(images, labels.to(self.device), recipe.model.num_classes, recipe.train.mixup_alpha,
-                                recipe.train.label_smoothing, [recipe.seed, step, rng.SITE_MIXUP, first])
+        # the mixup key: the loader's CPU tensor (not a device read); _keyed_beta draws on the host
+        first = int(idx[0]) if recipe.train.mixup_alpha > 0 and len(idx) else 0
+        images, idx = images.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+        images, targets = mixup(images, labels.to(self.device, non_blocking=True), recipe.model.num_classes,
+                                recipe.train.mixup_alpha, recipe.train.label_smoothing,
+                                [recipe.seed, step, rng.SITE_MIXUP, first])
         out = engine(images.to(self.dtype), sample_ids=idx, step=step, seed=recipe.seed)
         ce = soft_cross_entropy(out.logits, targets)
         aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
         loss = ce + aux_w * out.aux_loss
-        bad = any_rank(not bool(torch.isfinite(loss.detach())))
-        stop = self.guard.stop_reason(step) if bad else None  # train.nan_policy (guards.NonFiniteGuard)
-        if stop:
-            raise TrainingError(stop)
-        self.guard.backward(loss, bad, step)  # bad: zero gradients, and this optimizer step is skipped on every rank
+        self.pending.append(_Micro(self.guard.finite(loss), ce.detach(), out.aux_loss.detach(), images.shape[0], out, idx))
+        self.guard.backward(loss)  # a non-finite one too: see guards.NonFiniteGuard
         boundary = (self.micro + 1) % self.layout.grad_accum == 0
         self.log_now = boundary and ((step + 1) % recipe.train.log_interval == 0 or step + 1 == self.total_steps)
+        skip = False
         if boundary:
+            skip = self._close_window(step)
             self.before_optimizer_step()
             self.window["grad_norm"] = self._clip_or_measure()
-        self.guard.step()
+        self.guard.step(skip)
         if self.log_now and self.window["grad_norm"] is None:
             self.window["grad_norm"] = engine.get_global_grad_norm()  # ZeRO 1/2 compute the global norm themselves
-        if not bad:
-            w = self.window
-            w["loss"] += float(ce.detach())
-            w["aux"] += float(out.aux_loss.detach())
-            w["n"] += 1
-            w["images"] += images.shape[0]
-            self.routing.add(out.routing)
-            self.after_forward(out, idx)
         self.micro += 1
         return boundary
+
+    def _close_window(self, step: int) -> bool:
+        """At the boundary: which of the window's micro-batches were finite on every rank (one
+        reduction, one read); stop or log the skip (train.nan_policy); add the counted ones to
+        the log window and the routing statistics. Returns whether the step is skipped."""
+        pending, self.pending = self.pending, []
+        finite = self.guard.window_finite([m.finite for m in pending])
+        skip = not all(finite)
+        if skip:
+            stop = self.guard.bad_window(step)
+            if stop:
+                raise TrainingError(stop)
+        w = self.window
+        for m, ok in zip(pending, finite):
+            if not ok:  # excluded from the logged means, as on every rank
+                continue
+            w["loss"] = w["loss"] + m.ce.double()
+            w["aux"] = w["aux"] + m.aux.double()
+            w["n"] += 1
+            w["images"] += m.images
+            self.routing.add(m.out.routing)
+            self.after_forward(m.out, m.sample_ids)
+        return skip
 
     def _clip_or_measure(self) -> Optional[float]:
         """At the boundary (gradients all-reduced): the project's global-norm clip where it clips
@@ -407,7 +445,8 @@ class Trainer:
     def log_step(self) -> None:
         w = self.window
         n = max(w["n"], 1)  # 0: every micro-batch of the window was skipped (train.nan_policy=skip)
-        loss_avg, aux_avg, imgs = all_reduce_mean([w["loss"] / n, w["aux"] / n, float(w["images"])])
+        loss_avg, aux_avg, imgs = all_reduce_mean_tensor(
+            torch.stack([w["loss"] / n, w["aux"] / n, w["loss"].new_tensor(float(w["images"]))]))
         elapsed = time.time() - w["t0"]
         ips = imgs * self.layout.world / max(elapsed, 1e-9)
         rec: dict[str, Any] = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss_avg,

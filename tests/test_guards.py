@@ -52,6 +52,7 @@ SKIP_SCRIPT = textwrap.dedent('''
             "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9})
         guard = NonFiniteGuard(engine, "skip", MetricsLog(Path(log_path), True))
         g = torch.Generator().manual_seed(0)
+        flags = []  # the window's device flags, as the trainer keeps them
 
         def micro(step, nan):
             x = torch.randn(4, 1, 8, 8, generator=g)
@@ -59,13 +60,19 @@ SKIP_SCRIPT = textwrap.dedent('''
                 x[0, 0, 0, 0] = float("nan")  # NaN activations all the way to the loss
             out = engine(x)
             loss = out.logits.float().logsumexp(-1).mean() + 0.01 * out.aux_loss
-            bad = not bool(torch.isfinite(loss))
-            if mode == "unguarded" and bad:  # the control: zero gradients but a normal optimizer step
-                guard.backward(loss, bad, step)
+            flags.append(guard.finite(loss))
+            guard.backward(loss)
+            skip = False
+            if engine.is_gradient_accumulation_boundary():
+                finite = guard.window_finite(flags)
+                flags.clear()
+                skip = not all(finite)
+            if mode == "unguarded" and skip:  # the control: a normal optimizer step
                 engine.step()
                 return False
-            guard.backward(loss, bad, step)
-            return guard.step()
+            if skip:
+                assert guard.bad_window(step) is None  # skip policy, finite weights: logged, not stopped
+            return guard.step(skip)
 
         for m in range(ga):
             micro(0, False)
