@@ -21,14 +21,16 @@ from ds_widenet.models import build_model, get_preset
 from tests.distributed.launch import ROOT, metrics, run_train, write_ds_config
 
 RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
-TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.moe.expert_dim=64",
+TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.moe.expert_dim=64",
         "checkpoint.every_steps=1000", "train.eval_interval=1000", "schedule.max_steps=20", "train.log_interval=1"]
 
 
 def tiny(preset: str):
     cfg = get_preset(preset)
-    # dropout on, so keyed dropout is in the traced graph too; ViT-MoE: depth 0 dense, 1 and 2 MoE
-    cfg = replace(cfg, depth=3 if cfg.arch == "vit_moe" else 2, embed_dim=32, num_heads=2, mlp_dim=64, dropout=0.1)
+    # dropout on, so keyed dropout is in the traced graph too. WideNet: 2 depths through its one shared
+    # attention and MoE layer; ViT-MoE: depth 0 dense, depth 1 MoE; ViT: 1 depth
+    depth = {"widenet": 2, "vit_moe": 2, "vit": 1}[cfg.arch]
+    cfg = replace(cfg, depth=depth, moe_last_n=1, embed_dim=32, num_heads=2, mlp_dim=64, dropout=0.1)
     if cfg.moe is not None:
         cfg.moe = replace(cfg.moe, expert_dim=64)
     return build_model(cfg, seed=0)
