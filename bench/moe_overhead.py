@@ -21,6 +21,12 @@ Breakdown: after timing, `--profile-steps` steps of each MoE variant run under t
 named ranges per depth, forward and backward (bench/instrument.py: gate, dispatch, experts, combine,
 all-to-all). DeepSpeed's MoE layer is wrapped in this process only; the package is unchanged. With one
 process (ep_size 1) DeepSpeed skips the all-to-all; `bench/scaling.py sweep` profiles it with 2 ranks.
+
+`--compile [--compile-backend B]`: every variant's model is compiled in place (as `train.compile`),
+so the ratio is compiled WideNet against the compiled dense model, where the MoE's many small
+elementwise ops and gathers can fuse. Compilation happens in the warm-up rounds (at least 2: the
+first call traces, the second makes the step counter dynamic), which are not timed; the profile is
+skipped (its per-depth ranges are module hooks that compiled graphs do not run).
 """
 from __future__ import annotations
 
@@ -85,7 +91,7 @@ def profile_variant(trainer: common.PlainTrainer, steps: int) -> dict[str, Any]:
 
 
 def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup: int, dtype: str,
-             profile_steps: int, device: Any, log: Any = print) -> dict[str, Any]:
+             profile_steps: int, device: Any, log: Any = print, compile_backend: Optional[str] = None) -> dict[str, Any]:
     dt = common.DTYPES[dtype]
     trainers: dict[str, common.PlainTrainer] = {}
     specs = {}
@@ -94,6 +100,10 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
         cfg = common.model_config(preset, over)
         specs[v] = (preset, over, cfg)
         trainers[v] = common.PlainTrainer(cfg, batch, device, dt)
+        if compile_backend:
+            trainers[v].model.compile(backend=compile_backend)
+    if compile_backend:
+        warmup, profile_steps = max(warmup, 2), 0
     phases: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     for r in range(warmup + rounds):
         for v in variants:  # interleaved: A B C A B C ...
@@ -105,7 +115,8 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
         if r >= warmup:
             log(f"  [{size}] round {r - warmup + 1}/{rounds}: " + "  ".join(
                 f"{v} {1e3 * sum(x[-1] for x in phases[v].values()):.0f}ms" for v in variants))
-    out: dict[str, Any] = {"batch": batch, "dtype": dtype, "rounds": rounds, "warmup_rounds": warmup, "variants": {}}
+    out: dict[str, Any] = {"batch": batch, "dtype": dtype, "rounds": rounds, "warmup_rounds": warmup,
+                           "compiled": compile_backend, "variants": {}}
     step_times = {v: [sum(t) for t in zip(*phases[v].values())] for v in variants}
     base = "dense-eq" if "dense-eq" in variants else variants[-1]
     for v in variants:
@@ -205,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from an earlier --json")
+    ap.add_argument("--compile", action="store_true", help="compile every variant's model (see the module doc)")
+    ap.add_argument("--compile-backend", default="inductor")
     args = ap.parse_args(argv)
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), args.plot or str(Path(args.replot).with_suffix(".png")))
@@ -225,14 +238,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "machine": common.machine_info(dev), "sizes": {}}
     for size, b in zip(args.sizes, batches):
         result["sizes"][size] = run_size(size, args.variants, b, args.rounds, args.warmup, args.dtype,
-                                         args.profile_steps, dev)
+                                         args.profile_steps, dev,
+                                         compile_backend=args.compile_backend if args.compile else None)
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     common.write_json(args.json, result)
     if args.plot:
         plot(result, args.plot)
     for size, res in result["sizes"].items():
         base = res["baseline"]
-        print(f"{size} (batch {res['batch']}, {res['dtype']}, {result['machine']['torch_threads']} threads): "
+        how = f", compiled ({res['compiled']})" if res.get("compiled") else ", eager"
+        print(f"{size} (batch {res['batch']}, {res['dtype']}, {result['machine']['torch_threads']} threads{how}): "
               f"median step time and ratio to {base}")
         for v, r in res["variants"].items():
             print(f"  {v:15s} {1e3 * r['step_time_s']['median']:8.1f} ms  ratio {r[f'ratio_vs_{base}']:.3f}  "
