@@ -232,6 +232,21 @@ def optimizer_update_skipped(engine: Any) -> Iterator[None]:
         engine.lr_scheduler.step()
 
 
+def skip_single_rank_gradient_allreduce(engine: Any) -> bool:
+    """With one rank under ZeRO-0 (fp32/fp16), turn off the engine's boundary gradient all-reduce:
+    DeepSpeed still flattens every gradient into buckets, "all-reduces" them over the one rank,
+    divides by 1 and copies them back (~1% of a digits step here: bench/trainer_overhead.py's
+    engine pieces), which leaves every value as it was. ZeRO 1/2 and the BF16 optimizer do their
+    own bookkeeping in that call and keep it. Returns whether it was turned off."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world != 1 or engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return False
+    engine.enable_backward_allreduce = False
+    return True
+
+
 def gradient_loss_scale(engine: Any) -> float:
     """The factor the module's gradients carry before DeepSpeed unscales them: fp16's current
     dynamic (or static) loss scale on ZeRO-0, 1.0 otherwise. A norm read off `p.grad` must be

@@ -251,6 +251,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=self.ds_engine_config)
         self._check_expert_ranks()
+        dsi.skip_single_rank_gradient_allreduce(self.engine)  # a no-op's cost with one rank
         if recipe.train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
             self.engine.compile(backend=recipe.train.compile_backend)
         self.dtype = next(self.engine.module.parameters()).dtype

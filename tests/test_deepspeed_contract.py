@@ -148,6 +148,22 @@ for stage in (0, 2):
     r["skip_counted"] = engine.skipped_steps == skipped + 1
     r["skip_left_weights"] = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
     out[stage] = r
+for stage in (0, 2):  # skip_single_rank_gradient_allreduce: off at ZeRO-0 only, and the same weights
+    after = []
+    for skip in (False, True):
+        model = build_model(cfg, seed=0)
+        opt = build_optimizer(OptimConfig(), param_groups(model, 0.05))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9})
+        turned_off = dsi.skip_single_rank_gradient_allreduce(engine) if skip else None
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            engine.backward(engine(torch.randn(2, 1, 8, 8, generator=g)).logits.float().square().mean())
+            engine.step()
+        after.append([q.detach().clone() for q in engine.module.parameters()])
+    out[f"skip_allreduce_{stage}"] = {"turned_off": turned_off,
+                                      "same_weights": all(torch.equal(a, b) for a, b in zip(*after))}
 print(json.dumps(out))
 '''
 
@@ -173,3 +189,6 @@ def test_deepspeed_internals_read_real_engines_at_zero_0_and_2(tmp_path):
     assert out["0"]["zero_partitions"] is False
     assert out["2"]["zero_partitions"] and out["2"]["fragments"], out["2"]
     assert out["2"]["state_on_flat"] and out["2"]["moment_matches_flat"], out["2"]
+    # one rank, ZeRO-0: the boundary all-reduce is turned off and the training is bit for bit the same
+    assert out["skip_allreduce_0"] == {"turned_off": True, "same_weights": True}, out
+    assert out["skip_allreduce_2"] == {"turned_off": False, "same_weights": True}, out
