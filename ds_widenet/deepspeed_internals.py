@@ -238,10 +238,9 @@ def skip_single_rank_gradient_allreduce(engine: Any) -> bool:
     divides by 1 and copies them back (~1% of a digits step here: bench/trainer_overhead.py's
     engine pieces), which leaves every value as it was. ZeRO 1/2 and the BF16 optimizer do their
     own bookkeeping in that call and keep it. Returns whether it was turned off."""
-    import torch.distributed as dist
+    from .distributed import dist_world
 
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world != 1 or engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+    if dist_world() != 1 or engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
         return False
     engine.enable_backward_allreduce = False
     return True

@@ -60,7 +60,7 @@ class NonFiniteGuard:
         """Per micro-batch of the window, whether its loss was finite on every rank: one MIN
         all-reduce of the stacked flags (on their device: NCCL on a GPU) and one host read. Every
         rank must call it at the same boundary."""
-        t = torch.stack([f.reshape(()) for f in flags]).to(torch.float32)
+        t = torch.stack(list(flags)).to(torch.float32)
         if dist_world() > 1:
             import torch.distributed as dist
 
