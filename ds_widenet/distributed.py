@@ -136,6 +136,80 @@ def mpi_discovery(env: Optional[MutableMapping[str, str]] = None, comm=None) -> 
                 "MASTER_ADDR": str(addr), "MASTER_PORT": str(port)})
 
 
+def interfaces() -> dict[str, list[str]]:
+    """This host's network interfaces and their IPv4 addresses (psutil, a DeepSpeed dependency)."""
+    import psutil
+
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items()}
+
+
+def route_interface(dest: str) -> tuple[str, str]:
+    """(interface, local address) this host's routing table uses to reach `dest` (a name or an IPv4
+    address). Raises ConfigError (one line, with the fix) when `dest` does not resolve or is not
+    routed from here."""
+    from .config import ConfigError
+
+    host = socket.gethostname()
+    try:
+        addr = socket.getaddrinfo(dest, None, socket.AF_INET)[0][4][0]
+    except OSError:
+        raise ConfigError(f"MASTER_ADDR={dest} does not resolve on {host}: launch with --master_addr <an IP address "
+                          "of the first host that every host reaches> (or add the name to /etc/hosts)") from None
+    try:
+        # connect() on a UDP socket sends nothing: it only asks the kernel for the route's source address
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, DEFAULT_PORT))
+            local = s.getsockname()[0]
+    except OSError as e:
+        raise ConfigError(f"no route from {host} to MASTER_ADDR={dest} ({addr}): {e.strerror}; launch with "
+                          "--master_addr <an address of the first host on the network all hosts share>") from None
+    for name, addrs in interfaces().items():
+        if local in addrs:
+            return name, local
+    raise ConfigError(f"{host} reaches MASTER_ADDR={dest} from {local}, which no interface holds: set "
+                      "GLOO_SOCKET_IFNAME to the interface of that network (in .deepspeed_env, for every host)")
+
+
+def _check_ifname(var: str, value: str, have: dict[str, list[str]]) -> None:
+    """An interface variable names interfaces this host has. NCCL's syntax: a comma list of name
+    prefixes, `=` for exact names, `^` to exclude (not checked: any host satisfies an exclusion)."""
+    from .config import ConfigError
+
+    if value.startswith("^"):
+        return
+    exact = value.startswith("=") or var == "GLOO_SOCKET_IFNAME"
+    wanted = [w for w in value.lstrip("=").split(",") if w]
+    missing = [w for w in wanted if not any(n == w if exact else n.startswith(w) for n in have)]
+    if missing:
+        raise ConfigError(f"{var}={value}: no interface {', '.join(missing)} on {socket.gethostname()} (it has "
+                          f"{', '.join(sorted(have))}): set it to the interface that reaches MASTER_ADDR on every "
+                          "host, or unset it and ds_widenet picks that interface itself")
+
+
+def choose_socket_interface(env: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """Make gloo listen on, and advertise, the interface that routes to MASTER_ADDR.
+
+    Gloo's default device is the address this host's own name resolves to; on a stock Debian/Ubuntu
+    node (`127.0.1.1 <hostname>` in /etc/hosts) that is loopback, so every other host is told to
+    connect to 127.0.x.x and the job hangs in `connectFullMesh`. DeepSpeed's launcher does not
+    forward GLOO_SOCKET_IFNAME, so each rank picks here, on its own host, the interface its routing
+    table uses for MASTER_ADDR (the address every rank already reaches for the rendezvous). A
+    GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME that is set is kept, and checked to exist on this host.
+    NCCL's own choice (it skips loopback and docker interfaces) is left alone. Returns the interface
+    gloo will use when it was chosen here, else None."""
+    env = os.environ if env is None else env
+    have = interfaces()
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if env.get(var):
+            _check_ifname(var, env[var], have)
+    if env.get("GLOO_SOCKET_IFNAME") or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    name, _ = route_interface(env.get("MASTER_ADDR", "127.0.0.1"))
+    env["GLOO_SOCKET_IFNAME"] = name
+    return name
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -179,6 +253,8 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     backend = process_group_backend(acc.device_name(), acc.communication_backend_name())
     if launcher == "mpi" and not torch.distributed.is_initialized():
         mpi_discovery()  # fills RANK..MASTER_PORT, so DeepSpeed's own discovery (port 29500) stays off
+    if not torch.distributed.is_initialized():
+        choose_socket_interface()
     # DeepSpeed creates its expert and expert-data groups with dist.new_group(ranks), which takes
     # torch's default timeout (30 min on gloo, 10 on NCCL) rather than the one given here; an MoE
     # all-to-all waiting on a stuck peer would outlast the bound. Make the bound the default.
@@ -198,6 +274,35 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
     return DistInfo(rank, world, local_rank, device, launcher)
+
+
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|No route to host|"
+                        r"Connection refused|Connect timeout|Timed out|timed out|NCCL communicator was aborted|"
+                        r"connectFullMesh|Socket Timeout|recv.*failed|Read error")
+
+
+def peer_failure(e: BaseException) -> Optional[str]:
+    """One line for an exception that says a peer or the network went away (a collective or the
+    rendezvous failed), naming the peer address when the backend gave it; None for anything else.
+    Backends raise these as RuntimeError (gloo) or DistError subclasses (NCCL, the store), with
+    the C++ site first and often a multi-line tail: the line keeps only what a user can act on."""
+    import torch.distributed as dist
+
+    text = str(e)
+    if not (isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and _PEER_LOST.search(text)):
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    first = re.sub(r"\[[^\]]*(?:/|\\)[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # drop [.../pair.cc:534]
+    peer = re.search(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]:(\d+)", text)
+    who = f" (peer {peer.group(1)})" if peer else ""
+    return f"lost contact with another rank{who}: {first[:200]}"
+
+
+def where() -> str:
+    """`rank R on HOST` for messages printed by every rank."""
+    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+                 if k in os.environ), "0")
+    return f"rank {rank} on {socket.gethostname()}"
 
 
 def env_summary(env: Mapping[str, str]) -> str:

@@ -54,14 +54,31 @@ def main(argv: Optional[list[str]] = None, trainer_cls: Optional[type] = None) -
     args = parse_args(argv)
     from .trainer import Trainer, TrainingError, make_plan
 
+    from .distributed import peer_failure, where
+
     try:
         plan = make_plan(args.recipe, args.deepspeed_config, args.out, args.overrides, args.resume, args.init_from,
                          args.overwrite)
         final = (trainer_cls or Trainer)(plan).run()
     except (ConfigError, TrainingError) as e:
+        import torch.distributed as dist
+
         if is_rank0():
             print(f"error: {e}", file=sys.stderr)
+        elif not (dist.is_available() and dist.is_initialized()):
+            # before the process group is up rank 0 may never hear of it (a host-local problem)
+            print(f"error: {where()}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        line = peer_failure(e)
+        if line is None:
+            raise
+        # every surviving rank says it once, in one line, instead of a traceback per rank; the
+        # process group is not torn down (that would wait on the dead peer): exit at once
+        print(f"error: {where()}: {line}; the run stopped; continue it with --resume auto "
+              "(from the last complete checkpoint)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
     if is_rank0():
         print(json.dumps({k: final[k] for k in ("step", "top1", "eval_loss", "train_seconds") if k in final}), flush=True)
     return 0

@@ -247,3 +247,54 @@ def test_accelerators_get_gloo_for_the_cpu_tensors_of_the_bookkeeping_collective
 
     backends = BackendConfig(Backend(process_group_backend("cuda", "nccl"))).get_device_backend_map()
     assert backends == {"cpu": "gloo", "cuda": "nccl"}
+
+
+# ---------------------------------------------------------------- socket interface for gloo
+
+def test_route_interface_names_the_interface_holding_the_source_address():
+    from ds_widenet.distributed import interfaces, route_interface
+
+    name, local = route_interface("127.0.0.1")
+    assert local in interfaces()[name]
+
+
+def test_choose_socket_interface_sets_gloo_to_the_route_to_master_addr():
+    from ds_widenet.distributed import choose_socket_interface, route_interface
+
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    assert choose_socket_interface(env) == route_interface("127.0.0.1")[0] == env["GLOO_SOCKET_IFNAME"]
+
+
+def test_choose_socket_interface_keeps_a_set_interface_and_skips_one_rank():
+    from ds_widenet.distributed import choose_socket_interface, route_interface
+
+    lo = route_interface("127.0.0.1")[0]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": lo}
+    assert choose_socket_interface(env) is None and env["GLOO_SOCKET_IFNAME"] == lo
+    one = {"WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert choose_socket_interface(one) is None and "GLOO_SOCKET_IFNAME" not in one
+
+
+@pytest.mark.parametrize("var,value", [("GLOO_SOCKET_IFNAME", "nosuch0"), ("NCCL_SOCKET_IFNAME", "=nosuch0"),
+                                       ("NCCL_SOCKET_IFNAME", "ib,nosuch")])
+def test_an_interface_variable_naming_no_interface_here_is_one_line_with_the_fix(var, value):
+    from ds_widenet.config import ConfigError
+    from ds_widenet.distributed import choose_socket_interface
+
+    with pytest.raises(ConfigError, match=f"{var}={value}: no interface .* unset it"):
+        choose_socket_interface({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", var: value})
+
+
+def test_nccl_exclusion_lists_are_not_checked():
+    from ds_widenet.distributed import choose_socket_interface
+
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "NCCL_SOCKET_IFNAME": "^docker,lo"}
+    assert choose_socket_interface(env) is not None
+
+
+def test_an_unresolvable_master_addr_is_one_line_naming_master_addr():
+    from ds_widenet.config import ConfigError
+    from ds_widenet.distributed import choose_socket_interface
+
+    with pytest.raises(ConfigError, match="MASTER_ADDR=no-such-host.invalid does not resolve .* --master_addr"):
+        choose_socket_interface({"WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid"})
