@@ -12,7 +12,6 @@ connect to loopback and the launch would hang in connectFullMesh.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
