@@ -276,9 +276,11 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     return DistInfo(rank, world, local_rank, device, launcher)
 
 
+# what gloo, NCCL and the store say when a peer or the link is gone; a bare "timed out" counts only
+# from gloo (a data-loader timeout is a RuntimeError too, and not a lost peer)
 _PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|No route to host|"
-                        r"Connection refused|Connect timeout|Timed out|timed out|NCCL communicator was aborted|"
-                        r"connectFullMesh|Socket Timeout|recv.*failed|Read error")
+                        r"Connection refused|Connect timeout|connectFullMesh|Socket Timeout|"
+                        r"NCCL communicator was aborted|gloo.*[Tt]imed out")
 
 
 def peer_failure(e: BaseException) -> Optional[str]:
@@ -298,11 +300,15 @@ def peer_failure(e: BaseException) -> Optional[str]:
     return f"lost contact with another rank{who}: {first[:200]}"
 
 
+def env_rank() -> str:
+    """This process's global rank as its launcher wrote it (before the process group exists)."""
+    return next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+                 if k in os.environ), "0")
+
+
 def where() -> str:
     """`rank R on HOST` for messages printed by every rank."""
-    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
-                 if k in os.environ), "0")
-    return f"rank {rank} on {socket.gethostname()}"
+    return f"rank {env_rank()} on {socket.gethostname()}"
 
 
 def env_summary(env: Mapping[str, str]) -> str:

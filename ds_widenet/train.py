@@ -38,8 +38,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def is_rank0() -> bool:
-    return "0" == next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
-                        if k in os.environ), "0")
+    from .distributed import env_rank
+
+    return env_rank() == "0"
 
 
 def main(argv: Optional[list[str]] = None, trainer_cls: Optional[type] = None) -> int:
