@@ -168,18 +168,32 @@ def full_fp32_master(engine: Any, p: torch.nn.Parameter) -> torch.Tensor:
     return (hp if hp is not None else p).detach().float()
 
 
-def full_optimizer_state(p: torch.nn.Parameter, key: str) -> torch.Tensor:
+def full_optimizer_state(zero_optimizer: Any, p: torch.nn.Parameter, key: str) -> torch.Tensor:
     """The full optimizer state `key` of a partitioned param (a collective over its dp group).
 
-    As DeepSpeed's safe_get_full_optimizer_state, except that a rank whose partition has no state
-    for the key (AdamW creates none for a partition that never had a gradient) contributes zeros
-    instead of raising before the collective, which would leave the other ranks hanging in it."""
+    As DeepSpeed's safe_get_full_optimizer_state, with two differences:
+    * under ZeRO 1/2 this rank's part is read from the optimizer state of the flat partition
+      itself, not from `p._hp_mapping.optim_fragment`. DeepSpeedZeroOptimizer steps its torch
+      optimizer one parameter group at a time and links those fragments after the FIRST group's
+      step, when only group 0 has state; the flag it sets stops any later link, so every other
+      group's fragments stay empty for the life of the engine and DeepSpeed's getter returns
+      nothing (or raises) for them: with the project's groups (decay / no decay, dense / expert)
+      that is 3 of 4 groups' moments (tests/test_deepspeed_contract.py pins the upstream behaviour).
+    * a rank whose partition has no state for the key (AdamW creates none for a partition that never
+      had a gradient) contributes zeros instead of raising before the collective, which would leave
+      the other ranks hanging in it."""
     buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-    hm = p._hp_mapping
-    if hm is not None:
-        frag = (hm.optim_fragment or {}).get(key)
-        if frag is not None:
-            buf.narrow(0, hm.lp_fragment_address.start, hm.lp_fragment_address.numel).copy_(frag.data.flatten())
+    frag = fragment(p)
+    if frag is not None:
+        hp_start, lp_start, n = frag
+        if has_zero_partitions(zero_optimizer):
+            flat = next((f for f, lps in zero_partitions(zero_optimizer) if any(lp is p for lp in lps)), None)
+            state = innermost_optimizer(zero_optimizer).state.get(flat, {}).get(key) if flat is not None else None
+            part = state.narrow(0, hp_start, n) if state is not None else None
+        else:  # BF16_Optimizer steps all its groups at once, then links: the fragments are whole
+            part = (p._hp_mapping.optim_fragment or {}).get(key)
+        if part is not None:
+            buf.narrow(0, lp_start, n).copy_(part.data.flatten())
     dist.all_reduce(buf, group=p._dp_group)
     return buf.view(p.shape)
 

@@ -65,7 +65,7 @@ def moments(engine: Any, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
     inner = dsi.innermost_optimizer(engine.optimizer)
     for key in MOMENTS:
         if dsi.is_partitioned(p):
-            t = dsi.full_optimizer_state(p, key)
+            t = dsi.full_optimizer_state(engine.optimizer, p, key)
         else:
             t = inner.state.get(dsi.optimizer_state_owner(engine, p), {}).get(key)
         if t is not None:

@@ -123,7 +123,8 @@ for stage in (0, 2):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
         "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9})
     x = torch.randn(4, 1, 8, 8)
-    engine.backward(engine(x).logits.float().square().mean()); engine.step()
+    for _ in range(2):  # the head starts at zero: the second step gives every parameter a gradient
+        engine.backward((engine(x).logits.float() - 1).square().mean()); engine.step()
     inner = dsi.innermost_optimizer(engine.optimizer)
     r = {"basic_is_mine": dsi.basic_optimizer(engine) is opt, "inner_is_torch": isinstance(inner, torch.optim.Optimizer),
          "zero_partitions": dsi.has_zero_partitions(engine.optimizer), "loss_scale": dsi.gradient_loss_scale(engine)}
@@ -134,12 +135,20 @@ for stage in (0, 2):
                                    for q in engine.module.parameters())
     if stage:
         r["fragments"] = all(dsi.fragment(q) is not None for q in engine.module.parameters())
-        flat, lps = next(dsi.zero_partitions(engine.optimizer))
-        r["state_on_flat"] = "exp_avg" in inner.state[flat]
-        q = lps[0]
-        a, lp_start, n = dsi.fragment(q)
-        full = dsi.full_optimizer_state(q, "exp_avg").flatten()
-        r["moment_matches_flat"] = torch.equal(full[lp_start:lp_start + n], inner.state[flat]["exp_avg"][a:a + n])
+        groups = list(dsi.zero_partitions(engine.optimizer))
+        r["groups"] = len(groups)
+        r["state_on_flat"] = all("exp_avg" in inner.state[flat] for flat, _ in groups)
+        match = []
+        for flat, lps in groups:  # every parameter of every group
+            for q in lps:
+                a, lp_start, n = dsi.fragment(q)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    full = dsi.full_optimizer_state(engine.optimizer, q, key).flatten()
+                    match.append(torch.equal(full[lp_start:lp_start + n], inner.state[flat][key][a:a + n])
+                                 and bool(inner.state[flat][key][a:a + n].abs().sum() > 0))
+        r["moments_match_flat"] = bool(match) and all(match)
+        # upstream: the optimizer-state fragments are linked after group 0's step only
+        r["upstream_fragment_keys"] = [sorted((lps[0]._hp_mapping.optim_fragment or {}).keys()) for _, lps in groups]
     before = [q.detach().clone() for q in engine.module.parameters()]
     engine.backward(engine(x).logits.float().square().mean())
     skipped = engine.skipped_steps
@@ -188,7 +197,12 @@ def test_deepspeed_internals_read_real_engines_at_zero_0_and_2(tmp_path):
         assert r["skip_counted"] and r["skip_left_weights"], (stage, r)
     assert out["0"]["zero_partitions"] is False
     assert out["2"]["zero_partitions"] and out["2"]["fragments"], out["2"]
-    assert out["2"]["state_on_flat"] and out["2"]["moment_matches_flat"], out["2"]
+    assert out["2"]["state_on_flat"] and out["2"]["moments_match_flat"], out["2"]
+    # DeepSpeed links optimizer-state fragments after the first group's step only, so its own
+    # getter sees no moments for the other groups; full_optimizer_state reads the flat state
+    # instead. When this fails upstream has fixed it: the workaround may go.
+    keys = out["2"]["upstream_fragment_keys"]
+    assert out["2"]["groups"] >= 2 and keys[0] == ["exp_avg", "exp_avg_sq"] and all(k == [] for k in keys[1:]), keys
     # one rank, ZeRO-0: the boundary all-reduce is turned off and the training is bit for bit the same
     assert out["skip_allreduce_0"] == {"turned_off": True, "same_weights": True}, out
     assert out["skip_allreduce_2"] == {"turned_off": False, "same_weights": True}, out

@@ -108,7 +108,10 @@ def test_reshard_to_another_world_or_ep_size_continues_with_the_same_loss(straig
     assert any("moments" in r.get("event", "") for r in rows), rows[:2]
     ref, got = losses(straight / "run"), losses(tmp_path / "run")
     assert abs(got[6] - ref[6]) <= 1e-5 * abs(ref[6]), (got[6], ref[6])
-    assert abs(got[7] - ref[7]) <= 1e-4 * abs(ref[7]), (got[7], ref[7])  # optimizer moments came along
+    # every later step tests the optimizer moments that came along (all parameter groups: see
+    # deepspeed_internals.full_optimizer_state: without it 3 of 4 groups resumed with zero moments)
+    for s in (7, 8, 9):
+        assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, got[s], ref[s])
 
 
 def test_bf16_export_holds_the_fp32_masters_and_reproduces_the_bf16_engines_evaluation(tmp_path):
