@@ -16,7 +16,7 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, MutableMapping, Optional
+from typing import Mapping, MutableMapping, Optional, Sequence
 
 import torch
 
@@ -273,6 +273,8 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     else:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
+    if world > 1:
+        _learn_peers()  # after set_device: on NCCL the object collective runs on the current device
     return DistInfo(rank, world, local_rank, device, launcher)
 
 
@@ -295,9 +297,84 @@ def peer_failure(e: BaseException) -> Optional[str]:
         return None
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
     first = re.sub(r"\[[^\]]*(?:/|\\)[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # drop [.../pair.cc:534]
+    first = first.split(". ", 1)[0]  # gloo adds advice ("This is typically caused by ... GLHF!")
     peer = re.search(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]:(\d+)", text)
-    who = f" (peer {peer.group(1)})" if peer else ""
+    who = ""
+    if peer:
+        name = host_name(peer.group(1))
+        who = f" (peer {peer.group(1)}{f' = {name}' if name else ''})"
     return f"lost contact with another rank{who}: {first[:200]}"
+
+
+def host_name(addr: str, timeout_s: float = 1.0) -> Optional[str]:
+    """The host name of `addr` (/etc/hosts or DNS), or None. Asked in a thread and given up after
+    `timeout_s`: the network may be the thing that just failed, and a reverse DNS lookup has no
+    timeout of its own."""
+    import threading
+
+    found: list[str] = []
+
+    def look() -> None:
+        try:
+            found.append(socket.gethostbyaddr(addr)[0])
+        except OSError:
+            pass
+
+    t = threading.Thread(target=look, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return found[0] if found and found[0] != addr else None
+
+
+# (rank, host name, address other hosts reach it at) of every rank, learnt once the group is up:
+# after a lost peer the error line can say which hosts this one can no longer reach
+_PEERS: list[tuple[int, str, str]] = []
+
+
+def _learn_peers() -> None:
+    import torch.distributed as dist
+
+    try:
+        _, addr = route_interface(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    except Exception:  # the rendezvous just worked through MASTER_ADDR; a lookup failure is not fatal here
+        addr = ""
+    mine = (dist.get_rank(), socket.gethostname(), addr)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    _PEERS[:] = [tuple(p) for p in everyone]
+
+
+def unreachable_hosts(peers: Optional[Sequence[tuple[int, str, str]]] = None, timeout_s: float = 1.0,
+                      port: int = 22) -> list[str]:
+    """`host (address, ranks r, ...)` for each other host of the run that this one cannot reach now:
+    a TCP connect to `port` that neither connects nor is refused within `timeout_s` (a refusal
+    comes from a live host). All hosts are asked at once, so this takes at most about `timeout_s`."""
+    import threading
+
+    peers = _PEERS if peers is None else peers
+    here = socket.gethostname()
+    hosts: dict[tuple[str, str], list[int]] = {}
+    for rank, host, addr in peers:
+        if host != here and addr:
+            hosts.setdefault((host, addr), []).append(rank)
+    down: dict[tuple[str, str], bool] = {}
+
+    def probe(key: tuple[str, str]) -> None:
+        try:
+            socket.create_connection((key[1], port), timeout=timeout_s).close()
+            down[key] = False
+        except ConnectionRefusedError:
+            down[key] = False
+        except OSError:  # timed out, no route, network unreachable
+            down[key] = True
+
+    threads = [threading.Thread(target=probe, args=(k,), daemon=True) for k in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 0.5)
+    return [f"{h} ({a}, rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})"
+            for (h, a), r in hosts.items() if down.get((h, a), True)]
 
 
 def env_rank() -> str:

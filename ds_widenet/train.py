@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None, trainer_cls: Optional[type] = None) -
     args = parse_args(argv)
     from .trainer import Trainer, TrainingError, make_plan
 
-    from .distributed import peer_failure, where
+    from .distributed import peer_failure, unreachable_hosts, where
 
     try:
         plan = make_plan(args.recipe, args.deepspeed_config, args.out, args.overrides, args.resume, args.init_from,
@@ -76,6 +76,9 @@ def main(argv: Optional[list[str]] = None, trainer_cls: Optional[type] = None) -
             raise
         # every surviving rank says it once, in one line, instead of a traceback per rank; the
         # process group is not torn down (that would wait on the dead peer): exit at once
+        lost = unreachable_hosts()
+        if lost:
+            line += f"; unreachable from here: {', '.join(lost)}"
         print(f"error: {where()}: {line}; the run stopped; continue it with --resume auto "
               "(from the last complete checkpoint)", file=sys.stderr, flush=True)
         sys.stdout.flush()

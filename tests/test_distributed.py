@@ -298,3 +298,49 @@ def test_an_unresolvable_master_addr_is_one_line_naming_master_addr():
 
     with pytest.raises(ConfigError, match="MASTER_ADDR=no-such-host.invalid does not resolve .* --master_addr"):
         choose_socket_interface({"WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid"})
+
+
+# --------------------------------------------------------------------------------------------
+# A lost peer, as the backends word it
+
+
+def test_a_gloo_lost_peer_is_one_line_naming_the_peer_and_its_host_name():
+    # as gloo raises it from a collective when the other host's process is gone
+    e = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:40123: "
+                     "Connection closed by peer [127.0.0.1]:40123. This is typically caused by a remote worker crashing. GLHF!"
+                     "\nException raised from ... (most recent call first):\nframe #0")
+    line = distributed.peer_failure(e)
+    assert line is not None and "\n" not in line
+    assert line.startswith("lost contact with another rank (peer 127.0.0.1")
+    assert "pair.cc" not in line and "typically" not in line
+    assert line.endswith(": Read error [127.0.0.1]:40123: Connection closed by peer [127.0.0.1]:40123")
+    name = distributed.host_name("127.0.0.1")
+    if name:  # whatever this machine's /etc/hosts calls loopback
+        assert f"= {name})" in line
+
+
+def test_a_gloo_timeout_is_a_lost_peer_but_other_runtime_errors_keep_their_traceback():
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                        "10000ms for recv operation to complete")
+    assert distributed.peer_failure(gloo).startswith("lost contact with another rank: Timed out waiting 10000ms")
+    assert distributed.peer_failure(RuntimeError("DataLoader timed out after 30 seconds")) is None
+    assert distributed.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_host_name_of_an_address_nothing_names_is_none():
+    assert distributed.host_name("192.0.2.77", timeout_s=2.0) is None  # TEST-NET-1: never assigned
+
+
+def test_unreachable_hosts_leaves_out_this_host_and_every_host_that_answers():
+    # a live host answers a connect, accepting or refusing it; an unreachable one (a link down) is
+    # named by tests/multihost/test_faults.py, where a namespace's link can really be taken down
+    here = socket.gethostname()
+    peers = [(0, here, "127.0.0.1"), (1, "alive", "127.0.0.1"), (2, "alive", "127.0.0.1")]
+    assert distributed.unreachable_hosts(peers, timeout_s=0.5) == []
+    assert distributed.unreachable_hosts(peers, timeout_s=0.5, port=free_tcp_port()) == []
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

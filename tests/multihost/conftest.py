@@ -1,11 +1,15 @@
-"""The cluster fixture: hosts as network namespaces (tests/support/cluster.py), torn down after
-each module even when a test fails. On CI (root, .ci/run installs iproute2, openssh-server and
-pdsh) these tests run; elsewhere they skip with the reason."""
+"""Fixtures of the multi-host tests: the cluster (tests/support/cluster.py), built per module and
+torn down even when a test fails, and the one-host reference every multi-host run is compared
+with. On CI (root, .ci/run installs iproute2, openssh-server and pdsh) these tests run; elsewhere
+they skip with the reason."""
 from __future__ import annotations
 
 import pytest
 
+from tests.distributed.launch import run_train
 from tests.support.cluster import Cluster
+
+from .runs import RECIPE, STEPS, TINY, ds_config, trace
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +19,15 @@ def cluster(tmp_path_factory):
         pytest.skip(why)
     with Cluster.create(tmp_path_factory.mktemp("cluster"), hosts=2) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """The run on one host with 2 ranks, uninterrupted: step -> loss."""
+    if Cluster.unavailable():
+        pytest.skip(Cluster.unavailable())
+    d = tmp_path_factory.mktemp("reference")
+    run_train("deepspeed", 2, RECIPE, ds_config(d), d / "run", TINY)
+    ref = trace(d / "run")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref

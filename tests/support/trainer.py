@@ -6,8 +6,11 @@
     lamb_per_partition  LAMB's trust ratio per ZeRO partition (DeepSpeed #88, #490)
     clip_avg            DeepSpeed's ZeRO-0 clipping by the average of per-rank norms (#8475)
     noise_per_rank      router noise from each rank's own generator instead of keyed by sample
-* Fault injection (DS_WIDENET_FAULT=<train|save>:<step>:<rank>): that rank SIGKILLs itself after
-  optimizer step <step> (train) or once its files of the checkpoint at <step> are written (save).
+* Fault injection (DS_WIDENET_FAULT=<train|save>:<step>:<rank>[:kill|:pause]): that rank acts after
+  optimizer step <step> (train) or once its files of the checkpoint at <step> are written (save):
+  `kill` (the default) SIGKILLs itself; `pause` writes <out>/fault-paused-rank<rank> and waits
+  (at most 300 s) until the test deletes it, so a test can act on the run at a known point (take a
+  host's link down while the other ranks wait in that step's collectives or the save's barrier).
 * Route digest (always): every log record gets `route_digest`, one integer per depth that
   identifies every token's expert choices (see route_digest), for the step-by-step comparison.
   It is computed on the device; the one read is at the log step.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -120,26 +124,38 @@ def counting_syncs(counts: Counter, sites: Optional[Counter] = None) -> Iterator
             setattr(owner, name, orig)
 
 
-def parse_fault(spec: Optional[str]) -> Optional[tuple[str, int, int]]:
+FAULT_ACTIONS = ("kill", "pause")
+
+
+def parse_fault(spec: Optional[str]) -> Optional[tuple[str, int, int, str]]:
     if not spec:
         return None
-    where, step, rank = spec.split(":")
-    if where not in ("train", "save"):
-        raise ValueError(f"DS_WIDENET_FAULT={spec!r}: use train|save:<step>:<rank>")
-    return where, int(step), int(rank)
+    parts = spec.split(":")
+    if len(parts) == 3:
+        parts.append("kill")
+    if len(parts) != 4 or parts[0] not in ("train", "save") or parts[3] not in FAULT_ACTIONS:
+        raise ValueError(f"DS_WIDENET_FAULT={spec!r}: use train|save:<step>:<rank>[:kill|:pause]")
+    where, step, rank, action = parts
+    return where, int(step), int(rank), action
+
+
+def pause_marker(out: Path, rank: int) -> Path:
+    """The file a `pause` fault writes and waits on (the test deletes it to let the rank go on)."""
+    return Path(out) / f"fault-paused-rank{rank}"
 
 
 class InstrumentedTrainer(Trainer):
     """The Trainer with route digests, and optionally one negative control and one fault."""
 
     control: Optional[str] = None
-    fault: Optional[tuple[str, int, int]] = None
+    fault: Optional[tuple[str, int, int, str]] = None
     count_syncs: Optional[str] = None  # a directory: see the module doc
 
     def test_switches(self) -> list[str]:
         on = [f"negative control {self.control}"] if self.control else []
         if self.fault:
-            on.append(f"fault injection {':'.join(map(str, self.fault))}")
+            shown = self.fault[:3] if self.fault[3] == "kill" else self.fault  # as written, the default left out
+            on.append(f"fault injection {':'.join(map(str, shown))}")
         return on
 
     # -- negative controls --
@@ -167,15 +183,22 @@ class InstrumentedTrainer(Trainer):
                     p.grad.mul_(self.ep)
 
     # -- faults --
-    def _maybe_die(self, where: str, step: int) -> None:
-        if self.fault == (where, step, self.info.rank):
+    def _maybe_fault(self, where: str, step: int) -> None:
+        if self.fault is None or self.fault[:3] != (where, step, self.info.rank):
+            return
+        if self.fault[3] == "kill":
             os.kill(os.getpid(), 9)
+        marker = pause_marker(self.plan.out, self.info.rank)
+        marker.write_text(f"{where}:{step}\n")
+        deadline = time.monotonic() + 300
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def after_optimizer_step(self, step: int) -> None:
-        self._maybe_die("train", step)
+        self._maybe_fault("train", step)
 
     def after_checkpoint_write(self, step: int) -> None:
-        self._maybe_die("save", step)
+        self._maybe_fault("save", step)
 
     # -- sync counting --
     def train_micro_step(self, images: Any, labels: Any, idx: Any) -> bool:
