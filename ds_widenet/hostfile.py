@@ -11,11 +11,24 @@ ep_size that does not fit inside a node: DeepSpeed forms expert-parallel groups 
 ranks, so every node's slots must be a multiple of ep_size or a group spans two nodes and the MoE
 all-to-all (at EVERY depth in WideNet) leaves NVLink for the network. Prints a summary and exits 0,
 or prints `error: ...` (one line naming the fix) and exits 2.
+
+Names are checked too, since a multi-host launch needs every host to reach every other by the name
+the hostfile gives: a listed host (other than this one) whose name resolves to a loopback address
+here is a warning. `--probe` asks each host over ssh (as pdsh will log in) how it resolves the
+others' names, and warns for each name that resolves to loopback there (its ranks would connect
+to themselves: a stale /etc/hosts line) or does not resolve, and for each host ssh cannot reach.
+A host's own name resolving to 127.0.1.1, as Debian writes /etc/hosts, is not flagged: the trainer
+routes gloo by the address that reaches MASTER_ADDR, and DeepSpeed takes MASTER_ADDR from
+`hostname -I`, so that line is harmless.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
+import shlex
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +114,78 @@ def check_ep_placement(hosts: list[Host], ep_size: int) -> Optional[str]:
     return None
 
 
+def _ipv4(name: str) -> list[str]:
+    try:
+        return sorted({a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)})
+    except OSError:
+        return []
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_warnings(hosts: list[Host], here: Optional[str] = None) -> list[str]:
+    """Warnings for listed hosts (other than this one) whose names resolve to loopback on this host;
+    none for a single-host file, where loopback is what the launch uses."""
+    if len(hosts) < 2:
+        return []
+    here = here or socket.gethostname()
+    out = []
+    for h in hosts:
+        loop = [a for a in _ipv4(h.name) if _is_loopback(a)]
+        if h.name != here and loop:
+            out.append(f"{h.name} (line {h.line}) resolves to {loop[0]} (loopback) on {here}: ranks here would "
+                       f"connect to themselves, not to {h.name}; list it by a name that resolves to its network "
+                       "address (fix /etc/hosts or DNS), or by its IP address")
+    return out
+
+
+# run on each host over ssh: for every name, the name then its first IPv4 address (none: unresolved)
+_PROBE = 'for h in {names}; do a=$(getent ahostsv4 "$h" | head -n 1 | cut -d" " -f1); echo "$h ${{a}}"; done'
+
+
+def probe_warnings(hosts: list[Host], ssh: Optional[list[str]] = None, timeout_s: float = 20) -> list[str]:
+    """Ask every host over ssh how it resolves the other hosts' names (see the module doc)."""
+    ssh = ssh or ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+    names = " ".join(shlex.quote(h.name) for h in hosts)
+    out = []
+    for h in hosts:
+        try:
+            res = subprocess.run([*ssh, h.name, _PROBE.format(names=names)], capture_output=True, text=True,
+                                 timeout=timeout_s, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            res = subprocess.CompletedProcess([], 255, "", f"no answer within {timeout_s:g} s")
+        if res.returncode != 0:
+            why = next((ln for ln in res.stderr.splitlines() if ln.strip()), f"exit {res.returncode}")
+            out.append(f"cannot ssh to {h.name} ({why.strip()[:120]}): the pdsh and openmpi launchers log in that way; "
+                       "set up key authentication to every host (hostfiles/README.md)")
+            continue
+        seen = dict((line.split() + [""])[:2] for line in res.stdout.splitlines() if line.strip())
+        for other in hosts:
+            if other.name == h.name:
+                continue
+            addr = seen.get(other.name, "")
+            if not addr:
+                out.append(f"on {h.name}, {other.name} does not resolve: add it to {h.name}'s /etc/hosts or DNS, "
+                           "or list hosts by IP address")
+            elif _is_loopback(addr):
+                out.append(f"on {h.name}, {other.name} resolves to {addr} (loopback): {h.name}'s ranks would connect "
+                           f"to themselves; fix the {other.name} line of {h.name}'s /etc/hosts")
+    return out
+
+
 @dataclass(frozen=True)
 class Summary:
     hosts: list[Host]
     recipe: Recipe
     layout: BatchLayout
     ep_size: int
-    warning: Optional[str] = None
+    warnings: tuple[str, ...] = ()
+    ep_spans_nodes: bool = False
 
     @property
     def world(self) -> int:
@@ -119,7 +197,7 @@ class Summary:
         moe = self.recipe.model.moe
         lines = [f"nodes        {len(self.hosts)} ({nodes})", f"world size   {world}"]
         if moe is not None:
-            within = "inside one node each" if self.warning is None else "SPANNING NODES"
+            within = "SPANNING NODES" if self.ep_spans_nodes else "inside one node each"
             lines.append(f"ep groups    {world // ep} of ep_size {ep} ({within}); {moe.num_experts} experts, "
                          f"{moe.num_experts // ep} per rank; expert data-parallel degree {world // ep}")
         else:
@@ -130,8 +208,9 @@ class Summary:
 
 
 def check(hostfile: Union[str, Path], ds_config: Union[str, Path], recipe: Union[str, Path],
-          overrides: Optional[list[str]] = None, allow_cross_node_ep: bool = False) -> Summary:
-    """Parse the hostfile and validate the recipe + DeepSpeed JSON for its world size. Raises ConfigError."""
+          overrides: Optional[list[str]] = None, allow_cross_node_ep: bool = False, probe: bool = False) -> Summary:
+    """Parse the hostfile and validate the recipe + DeepSpeed JSON for its world size (raises
+    ConfigError); check the host names here, and on every host over ssh with `probe`."""
     hosts = read_hostfile(hostfile)
     r = load_recipe(recipe, overrides or [])
     ds = load_ds_config(ds_config)
@@ -141,7 +220,8 @@ def check(hostfile: Union[str, Path], ds_config: Union[str, Path], recipe: Union
     problem = check_ep_placement(hosts, ep) if r.model.moe is not None else None
     if problem and not allow_cross_node_ep:
         raise ConfigError(problem + " (or pass --allow_cross_node_ep to launch anyway)")
-    return Summary(hosts, r, layout, ep, problem)
+    warnings = ([problem] if problem else []) + loopback_warnings(hosts) + (probe_warnings(hosts) if probe else [])
+    return Summary(hosts, r, layout, ep, tuple(warnings), problem is not None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -155,15 +235,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--recipe", required=True, help="YAML recipe (model, parallel.ep_size, ...)")
     ap.add_argument("--allow_cross_node_ep", action="store_true",
                     help="warn instead of refusing when an expert-parallel group would span nodes")
+    ap.add_argument("--probe", action="store_true",
+                    help="also ssh to every host and check how it resolves the other hosts' names")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. parallel.ep_size=8")
     args = ap.parse_intermixed_args(argv)
     try:
-        summary = check(args.hostfile, args.deepspeed_config, args.recipe, args.overrides, args.allow_cross_node_ep)
+        summary = check(args.hostfile, args.deepspeed_config, args.recipe, args.overrides, args.allow_cross_node_ep,
+                        args.probe)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if summary.warning:
-        print(f"warning: {summary.warning}", file=sys.stderr)
+    for w in summary.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(summary.text())
     return 0
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ds_widenet.config import ConfigError
-from ds_widenet.hostfile import check_ep_placement, main, parse_hostfile, read_hostfile
+from ds_widenet.hostfile import check_ep_placement, loopback_warnings, main, parse_hostfile, probe_warnings, \
+    read_hostfile
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
@@ -174,3 +175,28 @@ def test_the_cli_runs_as_a_module_and_exits_2_with_one_error_line(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode == 2 and bad.stdout == ""
     assert error_line(bad.stderr).startswith("error: a has 6 slots")
+
+
+# --------------------------------------------------------------------------------------------
+# host names that resolve to loopback (the gloo connectFullMesh trap)
+
+
+def test_a_listed_host_resolving_to_loopback_here_is_a_warning_on_a_multi_host_file():
+    hosts = parse_hostfile("localhost slots=2\nnode7 slots=2\n")
+    (w,) = loopback_warnings(hosts, here="launcher")
+    assert w.startswith("localhost (line 1) resolves to 127.") and "on launcher" in w and "IP address" in w
+    assert loopback_warnings(parse_hostfile("localhost slots=2\n")) == []  # one host: loopback is right
+    assert loopback_warnings(hosts, here="localhost") == []  # this host's own name: DeepSpeed uses hostname -I
+
+
+def test_the_probe_warns_for_names_another_host_resolves_to_loopback_or_not_at_all():
+    # a stand-in for ssh that runs the probe here: `ssh HOST CMD` -> sh -c CMD
+    fake_ssh = ["sh", "-c", 'eval "$2"', "fake-ssh"]
+    hosts = parse_hostfile("localhost slots=1\nno-such-host.invalid slots=1\n")
+    warnings = probe_warnings(hosts, ssh=fake_ssh)
+    assert any(w.startswith("on no-such-host.invalid, localhost resolves to 127.") for w in warnings), warnings
+    assert any(w.startswith("on localhost, no-such-host.invalid does not resolve") for w in warnings), warnings
+    assert len(warnings) == 2, warnings
+    unreachable = probe_warnings(parse_hostfile("a slots=1\nb slots=1\n"), ssh=["sh", "-c", "echo refused >&2; exit 255", "x"])
+    assert [w.split(" (")[0] for w in unreachable] == ["cannot ssh to a", "cannot ssh to b"]
+    assert "(refused)" in unreachable[0]
