@@ -12,12 +12,13 @@ connect to loopback and the launch would hang in connectFullMesh.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import free_port
+from tests.distributed.launch import BIN, ROOT, free_port
 
-from .runs import DEEPSPEED, STEPS, TRAIN, assert_close, cluster_env, ds_config, pdsh_cmd, run_on, start_on, \
+from .runs import DEEPSPEED, RECIPE, STEPS, TRAIN, assert_close, cluster_env, ds_config, pdsh_cmd, run_on, start_on, \
     trace, train_args
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -53,3 +54,23 @@ def test_no_ssh_launch_on_each_host_reproduces_one_host(cluster, reference, tmp_
         assert rc == 0, f"host {i} failed ({rc}):\n{text[-4000:]}"
         assert f"node_rank={i}" in text
     assert_close(reference, trace(out), range(1, STEPS + 1))
+
+
+def test_the_hostfile_probe_finds_a_host_that_resolves_another_to_loopback(cluster, tmp_path):
+    hf = cluster.hostfile(1, name="hostfile.probe")
+    check = [str(BIN / "python"), "-m", "ds_widenet.hostfile", "check", str(hf), "--probe",
+             "--deepspeed_config", str(ds_config(tmp_path)), "--recipe", str(RECIPE)]
+    env = cluster_env(cluster)
+    ok = cluster.run(0, check, env=env, cwd=ROOT, timeout=120)
+    # each host's own name is 127.0.1.1 on it (Debian's /etc/hosts): harmless, not flagged
+    assert ok.returncode == 0 and "warning" not in ok.stderr, ok.stderr
+    hosts = Path("/etc/netns") / cluster.nodes[1].ns / "hosts"
+    good = hosts.read_text()
+    try:  # a stale line on host 1: host 0's name on loopback (written in place: the bind mount sees it)
+        hosts.write_text(good.replace(f"{cluster.nodes[0].addr} node0", "127.0.1.1 node0"))
+        bad = cluster.run(0, check, env=env, cwd=ROOT, timeout=120)
+    finally:
+        hosts.write_text(good)
+    warnings = [ln for ln in bad.stderr.splitlines() if ln.startswith("warning: ")]
+    assert bad.returncode == 0 and len(warnings) == 1, bad.stderr
+    assert warnings[0].startswith("warning: on node1, node0 resolves to 127.0.1.1 (loopback)"), warnings
