@@ -18,13 +18,19 @@ the one just saved): a run that saves a step again (after resuming from an earli
 first moves the old `step<N>` aside to `step<N>.superseded`, which nothing resumes from.
 
 Every decision that a barrier depends on is taken on rank 0: ranks whose views of the file
-system differ (node-local disks, NFS attribute caches) still enter the same collectives.
+system differ (node-local disks, NFS attribute caches) still enter the same collectives. At start
+`agree_on_out` checks that every rank sees the files rank 0 writes under `--out` (each rank writes
+its own part of every checkpoint there and reads it back on resume, so a node-local `--out` is
+refused with one line), and every rank resumes from the checkpoint rank 0 chose.
 """
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -83,6 +89,43 @@ def save_checkpoint(engine: Any, out: Path, recipe: Recipe, step: int, layout: d
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return d
+
+
+def ranks_not_seeing(out: Path, wait_s: float = 3.0) -> list[tuple[int, str]]:
+    """(rank, host) of every rank that does not see a file rank 0 writes in `out` (a collective;
+    [] on one rank). Rank 0 creates `out` if needed and removes the probe and, if no rank shares
+    it, the directory it made; a rank that does not see the probe at once looks again for `wait_s`
+    (a network file system's directory cache)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return []
+    rank, made = dist.get_rank(), False
+    name: list[Optional[str]] = [None]
+    if rank == 0:
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        name[0] = f".shared-probe-{secrets.token_hex(8)}"
+        (out / name[0]).write_text(name[0])
+    dist.broadcast_object_list(name, src=0)  # after rank 0 wrote it
+    probe, deadline = out / str(name[0]), time.monotonic() + wait_s
+    while True:
+        try:
+            seen = probe.read_text() == name[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (rank, socket.gethostname(), seen))
+    blind = [(r, h) for r, h, ok in views if not ok]
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+        if blind and made:
+            try:
+                out.rmdir()
+            except OSError:  # something else appeared there meanwhile: not ours to delete
+                pass
+    return blind
 
 
 def step_of(ckpt: Path) -> int:

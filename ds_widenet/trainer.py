@@ -210,6 +210,7 @@ class Trainer:
 
         plan, recipe, layout = self.plan, self.recipe, self.layout
         self.info = init_distributed()
+        self._agree_on_out()
         torch.manual_seed(recipe.seed)
         self.ep = recipe.parallel.ep_size
         # DeepSpeed's default expert groups are consecutive ranks (config.validate refuses
@@ -259,6 +260,28 @@ class Trainer:
         self.attach_zero_lamb()
         notices.extend(self._resume())
         self._open_run_dir(notices)
+
+    def _agree_on_out(self) -> None:
+        """Every rank sees the same --out, and resumes from the checkpoint rank 0 chose (every rank
+        made the plan from its own view of the file system; only rank 0's counts)."""
+        import torch.distributed as dist
+
+        from .checkpoint import ranks_not_seeing
+
+        if self.info.world_size == 1:
+            return
+        plan = self.plan
+        blind = ranks_not_seeing(plan.out)
+        if blind:
+            hosts = sorted({h for _, h in blind})
+            raise ConfigError(f"--out {plan.out} is not one directory for every rank: rank(s) "
+                              f"{', '.join(str(r) for r, _ in blind)} on {', '.join(hosts)} do not see the files rank 0 "
+                              "writes there (a node-local disk?): put --out on a file system every host mounts (each "
+                              "rank writes its part of every checkpoint there and reads it back on resume)")
+        choice = [(None if plan.resume is None else str(plan.resume), plan.resume_meta)]
+        dist.broadcast_object_list(choice, src=0)
+        resume, plan.resume_meta = choice[0]
+        plan.resume = None if resume is None else Path(resume)
 
     def _check_expert_ranks(self) -> None:
         for p in self.engine.module.parameters():

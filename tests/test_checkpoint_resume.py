@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -124,3 +123,36 @@ def test_saving_a_step_again_moves_the_complete_one_aside_and_replaces_a_crashed
     (tmp_path / "checkpoints" / "step10" / "complete").unlink()  # now a crashed save of step 10
     save_checkpoint(FakeEngine(), tmp_path, Recipe(), 10, {"world": 2})
     assert not (tmp_path / "checkpoints" / "step10.superseded1").exists()
+
+
+def _probe(rank: int, init: str, outs: list[str], results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(outs))
+    blind = checkpoint.ranks_not_seeing(Path(outs[rank]), wait_s=0.3)
+    Path(results, f"rank{rank}.json").write_text(json.dumps(blind))
+    dist.destroy_process_group()
+
+
+def _probe_views(tmp_path: Path, outs: list[Path]) -> list[list]:
+    import torch.multiprocessing as mp
+
+    results = tmp_path / "results"
+    results.mkdir(parents=True)
+    mp.spawn(_probe, args=(f"file://{tmp_path / 'store'}", [str(o) for o in outs], str(results)), nprocs=len(outs))
+    return [json.loads((results / f"rank{r}.json").read_text()) for r in range(len(outs))]
+
+
+def test_every_rank_learns_which_ranks_do_not_see_rank_zeros_out_directory(tmp_path):
+    import socket
+
+    # one directory for both ranks: nothing to report, and no probe file left in it
+    shared = tmp_path / "shared" / "run"
+    assert _probe_views(tmp_path / "a", [shared, shared]) == [[], []]
+    assert shared.is_dir() and list(shared.iterdir()) == []
+    # rank 1 looks at another directory (its node's local disk): both ranks hear of it, and rank 0
+    # removes the directory it made for the probe
+    local0, local1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    views = _probe_views(tmp_path / "b", [local0, local1])
+    assert views == [[[1, socket.gethostname()]]] * 2
+    assert not local0.exists() and not local1.exists()

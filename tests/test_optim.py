@@ -1,7 +1,6 @@
 """Parameter groups, the per-parameter LAMB, optimizer selection and the learning-rate schedule."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

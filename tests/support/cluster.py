@@ -224,6 +224,12 @@ class Cluster:
         _sh("ip", "-n", self.nodes[i].ns, "addr", "add", addr, "dev", name)
         _sh("ip", "-n", self.nodes[i].ns, "link", "set", name, "up")
 
+    def mount_local(self, i: int, disk: Path, at: Path) -> None:
+        """Host i's own directory `disk` mounted over `at`, as a node-local disk: what an ssh session
+        on host i (the mount namespace its sshd got from `ip netns exec`) sees under `at`. The other
+        hosts, and this process, still see the shared `at`."""
+        _sh("nsenter", "--target", str(self._sshd[i].pid), "--mount", "mount", "--bind", str(disk), str(at))
+
     # ---------------------------------------------------------------- teardown
 
     def down(self) -> None:
