@@ -130,7 +130,7 @@ def run_table(work: Path, steps: int, configs=CONFIGS, controls=CONTROLS, full_b
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"| optimizer | ZeRO | ep_size | max rel. loss diff | max rel. param diff | same expert choices | max drop rate |",
+    lines = ["| optimizer | ZeRO | ep_size | max rel. loss diff | max rel. param diff | same expert choices | max drop rate |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['optim']} | {r['zero']} | {r['ep_size']} | {r['max_rel_loss_diff']:.1e} | "

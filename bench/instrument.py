@@ -209,6 +209,19 @@ def range_times(prof: Any, steps: int = 1) -> dict[str, dict[str, dict[str, floa
     return {d: dict(v) for d, v in sorted(out.items())}
 
 
+def collective_times(prof: Any, steps: int = 1) -> dict[str, float]:
+    """Milliseconds per step in each kind of collective ({"all_reduce": ..., "all_to_all": ...}),
+    from the process group's own profiler records (`gloo:all_reduce`, `nccl:all_to_all`, ...). On
+    gloo a record spans enqueue to completion, so it includes waiting for the slowest rank; ZeRO's
+    reduce-scatter shows as all_reduce (gloo implements it with one)."""
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        backend, _, op = ev.name.partition(":")
+        if backend in ("gloo", "nccl") and op:
+            out[op] += ev.time_range.elapsed_us() / 1e3 / steps
+    return dict(sorted(out.items()))
+
+
 def top_ops_in(prof: Any, part: str, limit: int = 8) -> list[tuple[str, float, int]]:
     """The aten ops that take the most self time inside the ranges of `part` (both phases), summed
     over depths: (op, total ms, calls). Attribution by time-interval containment on each thread."""

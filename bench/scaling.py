@@ -4,6 +4,9 @@
     # process per rank, ONE thread each, launched with `torchrun --nproc_per_node N`
     python bench/scaling.py sweep --preset widenet-cifar --micro 8 --json bench/results/scaling_sweep.json \
         --plot bench/results/scaling_sweep.png
+    # and across 2 hosts (network namespaces joined by veth links, root): world 2 and 4, ep 1 and 2,
+    # next to the same points on one host, with the all-to-all and reduction time of each
+    python bench/scaling.py sweep --hosts 1 2 --worlds 2 4 --zero 2 --json bench/results/scaling_hosts.json
 
     # a MODEL (not a measurement): per-step compute / all-to-all / all-reduce time on 8..512 GPUs
     python bench/scaling.py project --presets widenet-b vit-moe-b --gpus 8 16 32 64 128 256 512 \
@@ -48,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -304,61 +308,121 @@ def advise(cfg: common.ModelConfig, nodes: int, gpus_per_node: int, hw: Hardware
 # The measured sweep
 
 
-def sweep_points(max_world: int = 2, num_experts: int = 4) -> list[tuple[int, int, int]]:
+def sweep_points(worlds: Sequence[int] = (1, 2), num_experts: int = 4, hosts: Sequence[int] = (1,),
+                 zero: Sequence[int] = (0, 1, 2)) -> list[tuple[int, int, int, int]]:
+    """(hosts, world, ep, zero) of every valid point: world a multiple of the host count (the same
+    number of ranks on every host), ep dividing the world and the experts; ep groups are contiguous
+    ranks (DeepSpeed's layout) and a host holds contiguous ranks, so with 2 ranks per host an ep-2
+    group stays inside a host and with 1 rank per host it spans the link."""
     pts = []
-    for world in range(1, max_world + 1):
-        for ep in (1, 2):
-            if ep > world or world % ep or num_experts % ep:
+    for h in hosts:
+        for world in worlds:
+            if world < h or world % h:
                 continue
-            for z in (0, 1, 2):
-                pts.append((world, ep, z))
+            for ep in (1, 2):
+                if ep > world or world % ep or num_experts % ep:
+                    continue
+                for z in zero:
+                    pts.append((h, world, ep, z))
     return pts
 
 
+def worker_cmd(preset: str, micro: int, zero: int, ep: int, steps: int, warmup: int, profile: int,
+               out: Path, overrides: Sequence[str]) -> list[str]:
+    return [str(common.ROOT / "bench" / "scaling_worker.py"), "--preset", preset, "--micro", str(micro),
+            "--zero", str(zero), "--ep", str(ep), "--steps", str(steps), "--warmup", str(warmup),
+            "--threads", "1", "--profile", str(profile), "--out", str(out), *overrides]
+
+
 def launch_point(world: int, ep: int, zero: int, preset: str, micro: int, steps: int, warmup: int,
-                 overrides: Sequence[str], out: Path, profile: int, timeout: float = 600) -> dict[str, Any]:
+                 overrides: Sequence[str], out: Path, profile: int, timeout: float = 600,
+                 cluster: Any = None) -> dict[str, Any]:
+    """One point: `torchrun --nproc_per_node world` here, or with a `cluster` (tests/support/cluster.py:
+    hosts as network namespaces joined by veth links) `torchrun --nnodes H --node_rank i` on each of
+    its H hosts, world/H ranks each, rendezvous at host 0's address: every byte between hosts
+    crosses the veth link and the namespaces' own network stacks."""
     from ds_widenet.distributed import free_port
     from tests.support.launch import child_env, run_with_deadline
 
     port = free_port()
     env = child_env(common.ROOT, timeout_s=300, MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
-           str(common.ROOT / "bench" / "scaling_worker.py"), "--preset", preset, "--micro", str(micro),
-           "--zero", str(zero), "--ep", str(ep), "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", "1", "--profile", str(profile), "--out", str(out), *overrides]
+    worker = worker_cmd(preset, micro, zero, ep, steps, warmup, profile, out, overrides)
     t0 = time.time()
-    res = run_with_deadline(cmd, env, common.ROOT, timeout)  # kills torchrun's ranks too on a hang
-    if res.returncode != 0:
-        raise RuntimeError(f"world {world} ep {ep} zero {zero} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    if cluster is None:
+        hosts = 1
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}", *worker]
+        res = run_with_deadline(cmd, env, common.ROOT, timeout)  # kills torchrun's ranks too on a hang
+        failed = [] if res.returncode == 0 else [f"({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"]
+    else:
+        hosts = len(cluster.nodes)
+        procs, logs = [], []
+        for i in range(hosts):
+            cmd = ["timeout", "-s", "KILL", str(int(timeout)), sys.executable, "-m", "torch.distributed.run",
+                   f"--nnodes={hosts}", f"--node_rank={i}", f"--nproc_per_node={world // hosts}",
+                   f"--master_addr={cluster.nodes[0].addr}", f"--master_port={port}", *worker]
+            logs.append(out.with_suffix(f".host{i}.log"))
+            procs.append(cluster.popen(i, cmd, env=env, cwd=common.ROOT, stdout=open(logs[-1], "w"),
+                                       stderr=subprocess.STDOUT))
+        failed = [f"host {i} ({p.wait()}):\n{logs[i].read_text()[-3000:]}" for i, p in enumerate(procs)
+                  if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"hosts {hosts} world {world} ep {ep} zero {zero} failed {failed[0]}")
     r = json.loads(out.read_text())
+    r["hosts"] = hosts
     r["launch_wall_s"] = time.time() - t0
-    r["command"] = (f"torchrun --nproc_per_node {world} bench/scaling_worker.py --preset {preset} --micro {micro} "
+    launch = (f"torchrun --nproc_per_node {world}" if hosts == 1 else
+              f"torchrun --nnodes {hosts} --node_rank <i> --nproc_per_node {world // hosts} --master_addr <host 0>")
+    r["command"] = (f"{launch} bench/scaling_worker.py --preset {preset} --micro {micro} "
                     f"--zero {zero} --ep {ep} --steps {steps} --warmup {warmup} --threads 1 --profile {profile} "
                     f"--out ... {' '.join(overrides)}").strip()
     return r
 
 
 def sweep(preset: str, micro: int, steps: int, warmup: int, overrides: Sequence[str], workdir: Path,
-          max_world: int = 2, profile_ep: int = 1, log: Any = print) -> dict[str, Any]:
+          worlds: Sequence[int] = (1, 2), profile_steps: int = 1, log: Any = print, hosts: Sequence[int] = (1,),
+          zero: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+    """Every point of sweep_points; the 2-host ones on a cluster of network namespaces built here
+    (root only) and torn down after. Points with more than one rank are profiled for
+    `profile_steps` steps: MoE ranges (all-to-all included) and the time in each collective."""
+    from contextlib import ExitStack
+
     cfg = common.model_config(preset, overrides)
     e = cfg.moe.num_experts if cfg.moe else 1
     points = []
-    for world, ep, z in sweep_points(max_world, e if cfg.moe else 1):
-        prof = profile_ep if ep > 1 else 0
-        r = launch_point(world, ep, z, preset, micro, steps, warmup, overrides,
-                         workdir / f"w{world}_ep{ep}_z{z}.json", prof)
-        log(f"  world {world} ep {ep} ZeRO {z}: {1e3 * r['step_time_s']['median']:.0f} ms/step, "
-            f"{r['images_per_s']:.1f} images/s ({r['launch_wall_s']:.0f} s incl. launch)")
-        points.append(r)
+    with ExitStack() as stack:
+        clusters: dict[int, Any] = {}
+        for h, world, ep, z in sweep_points(worlds, e if cfg.moe else 1, hosts, zero):
+            if h > 1 and h not in clusters:
+                from tests.support.cluster import Cluster
+
+                why = Cluster.unavailable()
+                if why:
+                    raise RuntimeError(f"--hosts {h}: {why}")
+                clusters[h] = stack.enter_context(Cluster.create(workdir / f"cluster{h}", hosts=h))
+            prof = profile_steps if world > 1 else 0
+            r = launch_point(world, ep, z, preset, micro, steps, warmup, overrides,
+                             workdir / f"h{h}_w{world}_ep{ep}_z{z}.json", prof, cluster=clusters.get(h))
+            log(f"  hosts {h} world {world} ep {ep} ZeRO {z}: {1e3 * r['step_time_s']['median']:.0f} ms/step, "
+                f"{r['images_per_s']:.1f} images/s ({r['launch_wall_s']:.0f} s incl. launch)")
+            points.append(r)
     base = {p["zero_stage"]: p for p in points if p["world"] == 1 and p["ep_size"] == 1}
     for p in points:
         b = base.get(p["zero_stage"])
         p["scaling_efficiency"] = p["images_per_s"] / (p["world"] * b["images_per_s"]) if b else None
     return {"preset": preset, "overrides": list(overrides), "micro_batch_per_rank": micro, "points": points,
             "label": "CPU processes, 1 thread each (torchrun, gloo); on a 2-core machine this measures "
-                     "contention as much as scaling",
+                     "contention as much as scaling; 2-host points: network namespaces on this machine, "
+                     "joined by veth links (a kernel copy, not a NIC)",
             "efficiency": "images/s at world N / (N x images/s at world 1, ep 1, same ZeRO stage): weak scaling, "
                           "fixed micro batch per rank"}
+
+
+def comm_summary(p: dict[str, Any]) -> dict[str, float]:
+    """Rank 0's milliseconds per step in all-to-all and in the gradient reductions, for the table."""
+    c = p["ranks"][0].get("collectives") or {}
+    return {"all_to_all": c.get("all_to_all", 0.0),
+            "reductions": sum(v for k, v in c.items() if k in ("all_reduce", "reduce_scatter", "all_gather",
+                                                                "allreduce", "reduce"))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +441,8 @@ def _plt() -> Any:
 def plot_sweep(res: dict[str, Any], path: str) -> None:
     plt = _plt()
     pts = res["points"]
-    labels = [f"w{p['world']} ep{p['ep_size']} z{p['zero_stage']}" for p in pts]
+    labels = [f"{'' if p.get('hosts', 1) == 1 else str(p['hosts']) + 'h '}w{p['world']} ep{p['ep_size']} z{p['zero_stage']}"
+              for p in pts]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     ax.bar(labels, [p["images_per_s"] for p in pts], color=["#4c72b0" if p["world"] == 1 else "#dd8452" for p in pts])
@@ -477,8 +542,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     sw.add_argument("--micro", type=int, default=8, help="images per rank per step")
     sw.add_argument("--steps", type=int, default=5)
     sw.add_argument("--warmup", type=int, default=2)
-    sw.add_argument("--max-world", type=int, default=2)
-    sw.add_argument("--profile", type=int, default=1, help="profiled steps (MoE ranges incl. all-to-all) at ep_size > 1")
+    sw.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes (ranks in all)")
+    sw.add_argument("--hosts", type=int, nargs="+", default=[1],
+                    help="host counts: 1 = this machine; 2 = two network namespaces joined by veth links, built "
+                         "for the sweep (root; tests/support/cluster.py), world/2 ranks on each")
+    sw.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2], help="ZeRO stages")
+    sw.add_argument("--profile", type=int, default=1,
+                    help="profiled steps at world > 1: MoE ranges (all-to-all) and time per collective")
     sw.add_argument("--workdir", default=None, help="per-point JSONs (default: a temp dir)")
     sw.add_argument("--json", default=None)
     sw.add_argument("--plot", default=None)
@@ -524,7 +594,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
             machine = common.machine_info(common.torch.device("cpu"))
             machine["torch_threads"] = "1 per rank (OMP_NUM_THREADS=1, torch.set_num_threads(1))"
-            res = sweep(args.preset, args.micro, args.steps, args.warmup, args.overrides, workdir, args.max_world, args.profile)
+            res = sweep(args.preset, args.micro, args.steps, args.warmup, args.overrides, workdir, args.worlds,
+                        args.profile, hosts=args.hosts, zero=args.zero)
             machine["loadavg_at_end"] = list(os.getloadavg())
             res.update({"benchmark": "scaling_sweep", "command": command, "machine": machine})
             common.write_json(args.json, res)
@@ -534,8 +605,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             for p in res["points"]:
                 m = p["ranks"][0]["memory"]
                 eff = p["scaling_efficiency"]
-                print(f"  world {p['world']} ep {p['ep_size']} ZeRO {p['zero_stage']}: {p['images_per_s']:7.1f} img/s"
-                      f"  eff {'-' if eff is None else f'{100 * eff:.0f}%'}  rank0 MiB: params {m['params'] / 2**20:.1f}"
+                c = comm_summary(p)
+                print(f"  hosts {p['hosts']} world {p['world']} ep {p['ep_size']} ZeRO {p['zero_stage']}: "
+                      f"{1e3 * p['step_time_s']['median']:.0f} ms/step {p['images_per_s']:7.1f} img/s"
+                      f"  eff {'-' if eff is None else f'{100 * eff:.0f}%'}  rank0 ms/step: all-to-all "
+                      f"{c['all_to_all']:.1f} reductions {c['reductions']:.1f}  rank0 MiB: params {m['params'] / 2**20:.1f}"
                       f" grads {m['grads'] / 2**20:.1f} opt {m['optimizer_state'] / 2**20:.1f} act {m['activations'] / 2**20:.1f}"
                       f" (est {m['activations_estimate'] / 2**20:.1f}) peak RSS {m['rss_peak_step'] / 2**20:.0f}")
             return 0

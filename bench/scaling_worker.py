@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import socket
 import statistics
 import sys
 import time
@@ -239,11 +240,11 @@ def main() -> int:
     rss_peak = peak_rss() if hwm_ok else 0
     opt_b, _ = optimizer_bytes(engine.optimizer, model_storages)  # moments exist after the first step
 
-    profile = None
+    profile, collectives = None, None
     if args.profile > 0:
         from torch.profiler import ProfilerActivity, profile as tprofile
 
-        from bench.instrument import moe_ranges, range_times
+        from bench.instrument import collective_times, moe_ranges, range_times
 
         with moe_ranges(engine.module):
             step()
@@ -251,6 +252,7 @@ def main() -> int:
                 for _ in range(args.profile):
                     step()
         profile = range_times(prof, args.profile)
+        collectives = collective_times(prof, args.profile)
 
     mem = {"params": params_b, "grads": grads["total"], "grads_detail": grads, "optimizer_state": opt_b["total"], "optimizer_detail": opt_b,
            "activations": act_b, "activations_estimate": activation_bytes(cfg, args.micro, 4, ep_size=args.ep),
@@ -260,7 +262,8 @@ def main() -> int:
     counted = params_b + grads["total"] + opt_b["total"] + act_b
     mem["unattributed_at_peak"] = rss_peak - rss_import - counted if hwm_ok else None
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, {"rank": rank, "memory": mem, "profile": profile, "local_step_times": local})
+    dist.all_gather_object(gathered, {"rank": rank, "memory": mem, "profile": profile, "collectives": collectives,
+                                  "host": socket.gethostname(), "local_step_times": local})
     if rank == 0:
         med = statistics.median(step_times)
         res = {"preset": args.preset, "overrides": args.overrides, "world": world, "ep_size": args.ep,

@@ -249,3 +249,5 @@ def test_scaling_sweep_point_two_ranks(tmp_path):
         assert m["activations"] == pytest.approx(m["activations_estimate"], rel=0.1)
         prof = rank["profile"]
         assert prof["d00"]["a2a/fwd"] > 0 and prof["d01"]["a2a/bwd"] > 0
+        # the process group's own records: the MoE's all-to-alls and ZeRO's gradient reductions
+        assert rank["collectives"]["all_to_all"] > 0 and rank["collectives"]["all_reduce"] > 0
