@@ -36,7 +36,7 @@ def cluster_env(cluster, timeout_s: float = 30, **extra: str) -> dict[str, str]:
     # its CPU comm op into the shared ~/.cache/torch_extensions at start-up, and a host whose PATH finds
     # another ninja (mpirun starts rank 0 with this PATH, the others with their ssh login's) rebuilds
     # it for 30-60 s while the other ranks' rendezvous times out
-    lines = {"DS_WIDENET_TIMEOUT": f"{timeout_s:g}", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{env['PATH']}", **extra}
+    lines = {"DS_WIDENET_TIMEOUT": f"{timeout_s:g}", "OMP_NUM_THREADS": "1", "PATH": env["PATH"], **extra}
     env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     env.update(DS_ENV_FILE=str(env_file), **lines)
     env.pop("GLOO_SOCKET_IFNAME", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,6 +21,11 @@ def child_env(root: Path, timeout_s: float = 90, **extra: str) -> dict[str, str]
     from ds_widenet.distributed import LAUNCHER_VARS
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    # this interpreter's bin first, as in an activated venv: DeepSpeed JIT-builds its CPU comm op at
+    # start-up, and launches that find different `ninja`s (the venv's, the system's) rebuild it in turn
+    bin_dir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1",
                 "DS_WIDENET_TIMEOUT": str(timeout_s), **extra})
     return env
