@@ -47,6 +47,8 @@ class MoEConfig:
     # "paper": softmax gate values without renormalisation, N(0, noise_std^2) noise on the logits,
     #          noise keyed by (seed, step, depth, sample) so it does not depend on the world size.
     # "deepspeed": DeepSpeed's TopKGate unmodified (renormalised top-2, Gumbel 2nd-expert sampling).
+    # "bpr": "paper" with V-MoE's Batch Prioritized Routing: tokens take capacity in the order of
+    #        their top gate value, so a full expert drops the tokens its router was least sure of.
     router: str = "paper"
     noise_std: Optional[float] = None  # None -> 1 / num_experts (the authors' code); 0 disables
     per_depth_gate: bool = False  # Colossal-AI variant: one gate matrix per depth (WideNet only)
@@ -57,10 +59,11 @@ class MoEConfig:
             raise ConfigError(f"model.moe.k={self.k}: DeepSpeed's MoE layer supports k=1 or k=2; set model.moe.k to 1 or 2")
         if self.num_experts < self.k:
             raise ConfigError(f"model.moe.num_experts={self.num_experts} < k={self.k}: use at least k experts")
-        if self.router not in ("paper", "deepspeed"):
-            raise ConfigError(f"model.moe.router={self.router!r}: use 'paper' or 'deepspeed'")
-        if self.per_depth_gate and self.router != "paper":
-            raise ConfigError("model.moe.per_depth_gate needs model.moe.router='paper' (DeepSpeed's TopKGate has one matrix)")
+        if self.router not in ("paper", "bpr", "deepspeed"):
+            raise ConfigError(f"model.moe.router={self.router!r}: use 'paper', 'bpr' or 'deepspeed'")
+        if self.per_depth_gate and self.router == "deepspeed":
+            raise ConfigError("model.moe.per_depth_gate needs model.moe.router='paper' or 'bpr' "
+                              "(DeepSpeed's TopKGate has one matrix)")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ConfigError("model.moe capacity factors must be > 0")
 

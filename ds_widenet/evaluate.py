@@ -1,5 +1,6 @@
-"""`python -m ds_widenet.evaluate --weights model.safetensors [--data digits|cifar10|imagefolder|synthetic]
-[--root DIR] [--eval_capacity_factor F] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch N] [--json]`
+"""`python -m ds_widenet.evaluate --weights model.safetensors [--data digits|mnist5k|cifar10|imagefolder|synthetic]
+[--root DIR] [--eval_capacity_factor F] [--router paper|bpr] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+[--batch N] [--json]`
 
 Top-1 of an exported model on a test split, and a per-depth routing summary (expert shares, drop
 rate, and how often a token's experts change from one depth to the next). Runs the standalone
@@ -21,17 +22,31 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batch: int = 128,
-                      eval_capacity_factor: Optional[float] = None, dtype: str = "fp32") -> dict[str, Any]:
+                      eval_capacity_factor: Optional[float] = None, dtype: str = "fp32",
+                      router: Optional[str] = None) -> dict[str, Any]:
     """Top-1, loss and per-depth routing of an exported model (the standalone model, exact padded
     evaluation as the trainer's); `dtype` casts the fp32 weights as a bf16/fp16 engine holds them
-    (the router still computes in fp32, as DeepSpeed's gate does)."""
+    (the router still computes in fp32, as DeepSpeed's gate does). `router` evaluates a model trained
+with the paper's gate with Batch Prioritized Routing instead, or back (the same gate weights: only
+the order in which tokens take capacity differs), as V-MoE evaluates at lower capacity factors."""
     import torch
 
     from .export import load_exported
     from .data import EvalSampler, build_datasets, build_loader
     from .evaluation import evaluate_loader
 
-    overrides = {"moe": {"eval_capacity_factor": eval_capacity_factor}} if eval_capacity_factor else None
+    moe: dict[str, Any] = {}
+    if eval_capacity_factor:
+        moe["eval_capacity_factor"] = eval_capacity_factor
+    if router:
+        from .export import read_export_info
+
+        trained = (read_export_info(Path(weights))["model"].get("moe") or {}).get("router", "paper")
+        if router not in ("paper", "bpr") or trained not in ("paper", "bpr"):
+            raise ConfigError(f"--router {router}: a model trained with router={trained} can be evaluated with "
+                              "router paper or bpr only when it was trained with one of them (the same gate)")
+        moe["router"] = router
+    overrides = {"moe": moe} if moe else None
     torch_dtype = getattr(torch, DTYPES[dtype])
     model = load_exported(weights, device, overrides).to(torch_dtype)
     _, test = build_datasets(data, model.cfg, seed=0)
@@ -50,9 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ds_widenet.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, required=True)
-    ap.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100", "imagefolder", "synthetic"])
+    ap.add_argument("--data", default="digits", choices=["digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic"])
     ap.add_argument("--root", default=None)
     ap.add_argument("--eval_capacity_factor", type=float, default=None)
+    ap.add_argument("--router", default=None, choices=["paper", "bpr"],
+                    help="evaluate a paper/bpr-trained model with this router (capacity order only)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                     help="cast the fp32 weights for evaluation (bf16 reproduces a bf16 engine's evaluation)")
@@ -66,7 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.root and not Path(args.root).exists():
             raise ConfigError(f"--root {args.root} does not exist")
         data = DataConfig(name=args.data, root=args.root, augment="none")
-        result = evaluate_exported(args.weights, data, device, args.batch, args.eval_capacity_factor, args.dtype)
+        result = evaluate_exported(args.weights, data, device, args.batch, args.eval_capacity_factor, args.dtype,
+                                   args.router)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,10 +55,15 @@ class ModelOutput:
 
 def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
                   used_token: Optional[Tensor], drop_tokens: bool,
-                  ep_group: Optional[torch.distributed.ProcessGroup] = None):
+                  ep_group: Optional[torch.distributed.ProcessGroup] = None, priority: bool = False):
     """Top-k routing with plain softmax gate values; returns DeepSpeed's sparse-route tuple
     (l_aux, capacity, E, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts), the
-    capacity a Python int: from the shapes with drop_tokens (no host read), else the largest count."""
+    capacity a Python int: from the shapes with drop_tokens (no host read), else the largest count.
+
+    Every first choice queues for capacity before any second choice. Within a choice the queue is
+    the token order, or with `priority` (V-MoE's Batch Prioritized Routing, router="bpr") the order
+    of the tokens' top gate values, highest first (ties in token order): when an expert is full, the
+    tokens its router was least sure of are the ones dropped."""
     num_tokens, num_experts = logits.shape
     probs = F.softmax(logits, dim=1)
     top_gates, top_idx = probs.topk(k, dim=1)  # [S, k]
@@ -85,7 +90,13 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
         capacity = max(int(cap), 1)
 
     # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice.
-    loc = (mask.reshape(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
+    queue = mask
+    if priority:  # tokens queue by their top gate value, highest first (a stable sort: ties in token order)
+        order = torch.sort(top_gates[:, 0].detach(), descending=True, stable=True).indices
+        queue = mask.index_select(1, order)
+    loc = (queue.reshape(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
+    if priority:  # back to token order: the token at queue position j is order[j]
+        loc = torch.empty_like(loc).index_copy_(1, order, loc)
     loc_s = (loc * mask).sum(-1)  # [k, S]: the route's place in its expert's queue (0 where masked)
     kept = (mask.sum(-1) > 0) & (loc_s < capacity)
     indices = torch.where(kept, idx, torch.full_like(idx, -1)).to(torch.int32)

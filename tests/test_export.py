@@ -257,6 +257,28 @@ def test_overrides_change_what_does_not_change_the_weights(tmp_path):
     assert m.cfg.moe.eval_capacity_factor == 0.25 and m.cfg.moe.k == 2
 
 
+def test_an_export_evaluates_with_bpr_at_a_low_capacity_and_a_deepspeed_gate_is_refused(tmp_path):
+    from ds_widenet.config import DataConfig
+    from ds_widenet.evaluate import evaluate_exported
+
+    _, d = fake_checkpoint(tmp_path, tiny())
+    out = export(d, tmp_path / "m.safetensors")
+    low = {"eval_capacity_factor": 0.5, "min_capacity": 1}
+    paper = load_exported(out, overrides={"moe": low})
+    bpr = load_exported(out, overrides={"moe": {**low, "router": "bpr"}})
+    x = images(8)
+    a, b = paper(x), bpr(x)
+    # depth 0 (the same input): as many routes kept per expert, but other tokens kept
+    assert a.routing[0].expert_tokens.tolist() == b.routing[0].expert_tokens.tolist()
+    assert a.routing[0].dropped > 0 and not torch.equal(a.routing[0].expert_index, b.routing[0].expert_index)
+    res = evaluate_exported(out, DataConfig(name="synthetic", augment="none"), "cpu", 64, 0.5, "fp32", "bpr")
+    assert 0.0 <= res["top1"] <= 1.0 and res["images"] > 0
+    _, d2 = fake_checkpoint(tmp_path / "ds", tiny(router="deepspeed"))
+    out2 = export(d2, tmp_path / "ds.safetensors")
+    with pytest.raises(ConfigError, match="router=deepspeed"):
+        evaluate_exported(out2, DataConfig(name="synthetic", augment="none"), "cpu", 64, None, "fp32", "bpr")
+
+
 # --------------------------------------------------------------------------------------------
 # Fine-tuning (the trainer's --init_from: read_export -> adapt_for_finetune -> to_deepspeed_names)
 

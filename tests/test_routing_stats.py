@@ -67,7 +67,7 @@ def fake_stats(expert_index: list, dropped: float = 0.0, entropy: float = 1.0, n
 # Router entropy
 
 
-@pytest.mark.parametrize("router", ["paper", "deepspeed"])
+@pytest.mark.parametrize("router", ["paper", "bpr", "deepspeed"])
 def test_router_entropy_is_ln_E_for_a_uniform_router_and_the_softmax_entropy_of_a_forced_one(router):
     model = tiny(router=router).eval()
     with torch.no_grad():

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "widenet": tiny(),
     "per_depth_gate": tiny(per_depth_gate=True),
+    "bpr": tiny(router="bpr"),
+    "vit_moe_bpr_k1": tiny("vit_moe", router="bpr", k=1),
     "vit": tiny("vit", pool="cls", pre_logits=True),
     "vit_moe": tiny("vit_moe", pool="cls"),
     "deepspeed_k1": tiny(router="deepspeed", k=1),

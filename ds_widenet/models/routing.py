@@ -4,8 +4,9 @@ Two gates plug into `deepspeed.moe.layer.MoE`:
 
 * `DeepSpeedGate` (router="deepspeed"): DeepSpeed's own `TopKGate`, with the Gumbel sampling of
   the second expert in training only (see its doc).
-* `PaperGate` (router="paper"), a `TopKGate` subclass with the WideNet/V-MoE routing of the
-  authors' code: noise N(0, std^2) added to the logits in training, softmax, top-k; the gate
+* `PaperGate` (router="paper"; "bpr" adds V-MoE's Batch Prioritized Routing), a `TopKGate` subclass
+  with the WideNet/V-MoE routing of the authors' code: noise N(0, std^2) added to the logits in
+  training, softmax, top-k; the gate
   values are the plain softmax probabilities (DeepSpeed renormalises g1+g2 for k=2); no Gumbel
   sampling of the second expert (DeepSpeed's default); capacity ceil(k*S/E*cf); first choices
   take capacity before second choices; balance loss E * sum_i f_i * P_i over used tokens.
@@ -66,7 +67,7 @@ class PaperGate(TopKGate):
 
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                 noise_std: float, num_depths: int = 1) -> None:
+                 noise_std: float, num_depths: int = 1, priority: bool = False) -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=False)
@@ -74,6 +75,7 @@ class PaperGate(TopKGate):
         self.num_depths = num_depths
         self.wg = torch.nn.Linear(model_dim, num_experts * num_depths, bias=False)
         self.noise_std = noise_std
+        self.priority = priority  # router="bpr": capacity taken in the order of the top gate values
         # Where the training noise comes from: keyed by default; anything with this signature
         # (e.g. a rank-local generator, to show what keyed noise protects against) can replace it.
         self.noise_source: NoiseSource = keyed_router_noise
@@ -92,7 +94,7 @@ class PaperGate(TopKGate):
             logits = logits + self.noise_std * self.noise_source(logits.shape, depth, key, logits.device)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         l_aux, capacity, _, indices, locations, gates, _ = paper_routing(
-            logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group)
+            logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group, self.priority)
         return Routes(l_aux, capacity, indices, locations, gates, router_entropy(logits, used_token))
 
 
