@@ -37,6 +37,7 @@ VALID_PAIRS = [
     ("digits_widenet.yaml", "cpu_fp32_zero1.json", 2, ["parallel.ep_size=2"], (32, 1)),
     ("digits_vit_moe.yaml", "cpu_fp32_zero1.json", 2, ["parallel.ep_size=2"], (32, 1)),
     ("digits_vit.yaml", "cpu_fp32_zero1.json", 2, [], (32, 1)),
+    ("mnist5k_widenet.yaml", "cpu_fp32.json", 1, [], (32, 2)),
 ]
 for _name in ("cifar10_widenet.yaml", "cifar10_vit.yaml", "cifar10_vit_moe.yaml"):
     VALID_PAIRS += [(_name, "gpu_bf16_cifar.json", CIFAR_WORLD, [], (64, 1)),

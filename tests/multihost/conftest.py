@@ -21,25 +21,24 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> dict[int, float]:
-    """The run on one host with 2 ranks, uninterrupted: step -> loss."""
+def one_host_reference(tmp_path_factory, name: str, nproc: int, micro: int, *extra: str) -> dict[int, float]:
+    """The uninterrupted run on one host (`deepspeed --num_gpus nproc`), global batch 32: step -> loss."""
     if Cluster.unavailable():
         pytest.skip(Cluster.unavailable())
-    d = tmp_path_factory.mktemp("reference")
-    run_train("deepspeed", 2, RECIPE, ds_config(d), d / "run", TINY)
+    d = tmp_path_factory.mktemp(name)
+    run_train("deepspeed", nproc, RECIPE, ds_config(d, micro=micro), d / "run", [*TINY, *extra])
     ref = trace(d / "run")
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """2 ranks, micro-batch 16."""
+    return one_host_reference(tmp_path_factory, "reference", 2, 16)
 
 
 @pytest.fixture(scope="session")
 def reference_4(tmp_path_factory) -> dict[int, float]:
-    """The same global batch on one host with 4 ranks and ep_size 2 (micro-batch 8): step -> loss."""
-    if Cluster.unavailable():
-        pytest.skip(Cluster.unavailable())
-    d = tmp_path_factory.mktemp("reference_4")
-    run_train("deepspeed", 4, RECIPE, ds_config(d, micro=8), d / "run", [*TINY, "parallel.ep_size=2"])
-    ref = trace(d / "run")
-    assert sorted(ref) == list(range(1, STEPS + 1))
-    return ref
+    """4 ranks and ep_size 2, micro-batch 8."""
+    return one_host_reference(tmp_path_factory, "reference_4", 4, 8, "parallel.ep_size=2")

@@ -82,6 +82,22 @@ def assert_one_error_line(text: str, rank: int, host: str) -> str:
     return errors[0]
 
 
+def link_down_run(cluster, tmp_path, fault: str):
+    """A 2-host launch whose host 1 loses its link at the paused `fault`: the run stops within the
+    timeout, rank 0's one line names host 1 as unreachable (rank 1 cannot be heard over the dead
+    link: rank 0's line is the one the launch prints), and host 1's rank exits on its own; the
+    link is back up afterwards. Returns the run's --out."""
+    out, rc, took, text = fault_run(cluster, tmp_path, fault, lambda: cluster.set_link(1, False))
+    try:
+        assert rc != 0 and took <= GRACE_S, (rc, took, text[-3000:])
+        line = assert_one_error_line(text, 0, "node0")
+        assert f"unreachable from here: node1 ({cluster.nodes[1].addr}, rank 1)" in line, line
+        wait_until(lambda: not trainers_on(cluster, 1), TIMEOUT_S + 10, what="host 1's rank exiting on its own")
+    finally:
+        cluster.set_link(1, True)
+    return out
+
+
 def test_a_host_killed_mid_training_stops_the_run_in_one_line_and_resumes_on_one_host(cluster, reference, tmp_path):
     out, rc, took, text = fault_run(cluster, tmp_path, "train:3:1:pause", lambda: cluster.kill_host(1, keep_sshd=True))
     assert rc != 0 and took <= GRACE_S, (rc, took, text[-3000:])
@@ -100,15 +116,7 @@ def test_a_host_killed_mid_training_stops_the_run_in_one_line_and_resumes_on_one
 
 def test_a_link_down_mid_step_stops_both_hosts_and_resumes_on_fewer_and_then_more_hosts(cluster, reference,
                                                                                        tmp_path):
-    out, rc, took, text = fault_run(cluster, tmp_path, "train:3:1:pause", lambda: cluster.set_link(1, False))
-    try:
-        assert rc != 0 and took <= GRACE_S, (rc, took, text[-3000:])
-        # rank 1 cannot be heard over the dead link; rank 0's line is the one the launch prints
-        line = assert_one_error_line(text, 0, "node0")
-        assert f"unreachable from here: node1 ({cluster.nodes[1].addr}, rank 1)" in line, line
-        wait_until(lambda: not trainers_on(cluster, 1), TIMEOUT_S + 10, what="host 1's rank exiting on its own")
-    finally:
-        cluster.set_link(1, True)
+    out = link_down_run(cluster, tmp_path, "train:3:1:pause")
     assert complete_steps(out) == [2]
     ds, env = ds_config(tmp_path), cluster_env(cluster)
     # 2 -> 1: one rank on one host (DeepSpeed accumulates 2 micro-batches for the same global
@@ -130,14 +138,7 @@ def test_a_link_down_mid_step_stops_both_hosts_and_resumes_on_fewer_and_then_mor
 
 def test_a_link_down_mid_save_leaves_the_previous_checkpoint_and_the_resume_redoes_the_steps(cluster, reference,
                                                                                            tmp_path):
-    out, rc, took, text = fault_run(cluster, tmp_path, "save:4:1:pause", lambda: cluster.set_link(1, False))
-    try:
-        assert rc != 0 and took <= GRACE_S, (rc, took, text[-3000:])
-        line = assert_one_error_line(text, 0, "node0")
-        assert f"unreachable from here: node1 ({cluster.nodes[1].addr}, rank 1)" in line, line
-        wait_until(lambda: not trainers_on(cluster, 1), TIMEOUT_S + 10, what="host 1's rank exiting on its own")
-    finally:
-        cluster.set_link(1, True)
+    out = link_down_run(cluster, tmp_path, "save:4:1:pause")
     assert complete_steps(out) == [2] and (out / "checkpoints" / "step4").is_dir()  # written, never marked
     log = tmp_path / "resume.log"
     res = run_on(cluster, 0, pdsh_cmd(cluster, out, ds_config(tmp_path), "--resume", "auto"), cluster_env(cluster), log)
