@@ -99,13 +99,18 @@ def ranks_not_seeing(out: Path, wait_s: float = 3.0) -> list[tuple[int, str]]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return []
     rank, made = dist.get_rank(), False
-    name: list[Optional[str]] = [None]
+    name: list[Optional[str]] = [None, None]  # the probe's name, or why rank 0 could not write it
     if rank == 0:
-        made = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        name[0] = f".shared-probe-{secrets.token_hex(8)}"
-        (out / name[0]).write_text(name[0])
+        try:
+            made = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            name[0] = f".shared-probe-{secrets.token_hex(8)}"
+            (out / name[0]).write_text(name[0])
+        except OSError as e:  # every rank must hear of it: the others wait in the broadcast below
+            name = [None, f"{type(e).__name__}: {e.strerror or e}"]
     dist.broadcast_object_list(name, src=0)  # after rank 0 wrote it
+    if name[1] is not None:
+        raise ConfigError(f"--out {out}: rank 0 cannot write there ({name[1]}): choose a writable --out")
     probe, deadline = out / str(name[0]), time.monotonic() + wait_s
     while True:
         try:

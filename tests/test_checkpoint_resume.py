@@ -129,7 +129,10 @@ def _probe(rank: int, init: str, outs: list[str], results: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(outs))
-    blind = checkpoint.ranks_not_seeing(Path(outs[rank]), wait_s=0.3)
+    try:
+        blind = checkpoint.ranks_not_seeing(Path(outs[rank]), wait_s=0.3)
+    except ConfigError as e:
+        blind = f"error: {e}"
     Path(results, f"rank{rank}.json").write_text(json.dumps(blind))
     dist.destroy_process_group()
 
@@ -156,3 +159,8 @@ def test_every_rank_learns_which_ranks_do_not_see_rank_zeros_out_directory(tmp_p
     views = _probe_views(tmp_path / "b", [local0, local1])
     assert views == [[[1, socket.gethostname()]]] * 2
     assert not local0.exists() and not local1.exists()
+    # rank 0 cannot write there (a file where a directory should be): both ranks get the same line
+    (tmp_path / "a_file").write_text("")
+    bad = tmp_path / "a_file" / "run"
+    views = _probe_views(tmp_path / "c", [bad, bad])
+    assert views[0] == views[1] and views[0].startswith(f"error: --out {bad}: rank 0 cannot write there"), views
