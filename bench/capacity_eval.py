@@ -52,10 +52,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 4), squeeze=False)
     for ax, (data, r) in zip(axes[0], res.items()):
@@ -68,10 +65,7 @@ def plot(res: dict[str, Any], path: str) -> None:
         ax.set_title(f"{data}: {Path(r['weights']).name}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -224,6 +224,24 @@ def write_json(path: Optional[str], obj: Any) -> None:
     p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """Lay out, write (creating the folder) and close a benchmark figure."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def parse_overrides(items: Sequence[str]) -> list[str]:
     for o in items:
         if "=" not in o:

@@ -143,10 +143,7 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     sizes = list(result["sizes"])
     fig, axes = plt.subplots(2, len(sizes), figsize=(6.5 * len(sizes), 8.5), squeeze=False)
@@ -196,10 +193,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.set_ylabel("ms per step (profiled)")
         ax.set_title(f"{size}: WideNet MoE time per depth (left fwd, right bwd, hatched)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -363,8 +363,8 @@ def launch_point(world: int, ep: int, zero: int, preset: str, micro: int, steps:
             logs.append(out.with_suffix(f".host{i}.log"))
             procs.append(cluster.popen(i, cmd, env=env, cwd=common.ROOT, stdout=open(logs[-1], "w"),
                                        stderr=subprocess.STDOUT))
-        failed = [f"host {i} ({p.wait()}):\n{logs[i].read_text()[-3000:]}" for i, p in enumerate(procs)
-                  if p.wait() != 0]
+        codes = [p.wait() for p in procs]
+        failed = [f"host {i} ({rc}):\n{logs[i].read_text()[-3000:]}" for i, rc in enumerate(codes) if rc != 0]
     if failed:
         raise RuntimeError(f"hosts {hosts} world {world} ep {ep} zero {zero} failed {failed[0]}")
     r = json.loads(out.read_text())
@@ -445,17 +445,8 @@ def sweep_table(res: dict[str, Any]) -> str:
 # Plots
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(res: dict[str, Any], path: str) -> None:
-    plt = _plt()
+    plt = common.pyplot()
     pts = res["points"]
     labels = [f"{'' if p.get('hosts', 1) == 1 else str(p['hosts']) + 'h '}w{p['world']} ep{p['ep_size']} z{p['zero_stage']}"
               for p in pts]
@@ -483,14 +474,11 @@ def plot_sweep(res: dict[str, Any], path: str) -> None:
     ax.set_title("memory per rank (rank 0)", fontsize=9)
     ax.tick_params(axis="x", rotation=45)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def plot_projection(res: dict[str, Any], path: str) -> None:
-    plt = _plt()
+    plt = common.pyplot()
     presets = list(res["presets"])
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.8), squeeze=False, sharey=True)
     for j, name in enumerate(presets):
@@ -510,10 +498,7 @@ def plot_projection(res: dict[str, Any], path: str) -> None:
         if j == 0:
             ax.set_ylabel("ms per step (model, not measured)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ first moves the old `step<N>` aside to `step<N>.superseded`, which nothing resum
 
 Every decision that a barrier depends on is taken on rank 0: ranks whose views of the file
 system differ (node-local disks, NFS attribute caches) still enter the same collectives. At start
-`agree_on_out` checks that every rank sees the files rank 0 writes under `--out` (each rank writes
-its own part of every checkpoint there and reads it back on resume, so a node-local `--out` is
-refused with one line), and every rank resumes from the checkpoint rank 0 chose.
+`ranks_not_seeing` finds the ranks that do not see the files rank 0 writes under `--out` (each rank
+writes its own part of every checkpoint there and reads it back on resume, so the trainer refuses
+a node-local `--out` with one line), and every rank resumes from the checkpoint rank 0 chose.
 """
 from __future__ import annotations
 

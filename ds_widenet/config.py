@@ -33,6 +33,9 @@ class ConfigError(ValueError):
 # Model
 
 
+PAPER_GATE_ROUTERS = ("paper", "bpr")  # routers on the paper's gate weights: an export evaluates with either
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-experts routing. Defaults are the paper's (top-2 of 4, capacity 1.2, noise 1/E)."""
@@ -61,11 +64,16 @@ class MoEConfig:
             raise ConfigError(f"model.moe.num_experts={self.num_experts} < k={self.k}: use at least k experts")
         if self.router not in ("paper", "bpr", "deepspeed"):
             raise ConfigError(f"model.moe.router={self.router!r}: use 'paper', 'bpr' or 'deepspeed'")
-        if self.per_depth_gate and self.router == "deepspeed":
+        if self.per_depth_gate and not self.paper_gate:
             raise ConfigError("model.moe.per_depth_gate needs model.moe.router='paper' or 'bpr' "
                               "(DeepSpeed's TopKGate has one matrix)")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ConfigError("model.moe capacity factors must be > 0")
+
+    @property
+    def paper_gate(self) -> bool:
+        """Whether the router is the paper's gate (PaperGate; `bpr` is it with prioritized capacity)."""
+        return self.router in PAPER_GATE_ROUTERS
 
     @property
     def effective_noise_std(self) -> float:

@@ -27,8 +27,8 @@ def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batc
     """Top-1, loss and per-depth routing of an exported model (the standalone model, exact padded
     evaluation as the trainer's); `dtype` casts the fp32 weights as a bf16/fp16 engine holds them
     (the router still computes in fp32, as DeepSpeed's gate does). `router` evaluates a model trained
-with the paper's gate with Batch Prioritized Routing instead, or back (the same gate weights: only
-the order in which tokens take capacity differs), as V-MoE evaluates at lower capacity factors."""
+    with the paper's gate with Batch Prioritized Routing instead, or back (the same gate weights: only
+    the order in which tokens take capacity differs), as V-MoE evaluates at lower capacity factors."""
     import torch
 
     from .export import load_exported
@@ -39,10 +39,11 @@ the order in which tokens take capacity differs), as V-MoE evaluates at lower ca
     if eval_capacity_factor:
         moe["eval_capacity_factor"] = eval_capacity_factor
     if router:
+        from .config import PAPER_GATE_ROUTERS
         from .export import read_export_info
 
         trained = (read_export_info(Path(weights))["model"].get("moe") or {}).get("router", "paper")
-        if router not in ("paper", "bpr") or trained not in ("paper", "bpr"):
+        if router not in PAPER_GATE_ROUTERS or trained not in PAPER_GATE_ROUTERS:
             raise ConfigError(f"--router {router}: a model trained with router={trained} can be evaluated with "
                               "router paper or bpr only when it was trained with one of them (the same gate)")
         moe["router"] = router

@@ -67,7 +67,7 @@ def capacity(cfg: ModelConfig, tokens: int) -> int:
     assert moe is not None
     if not moe.drop_tokens:
         return math.ceil(moe.k * tokens / moe.num_experts)
-    if moe.router in ("paper", "bpr"):  # routing_core.paper_routing
+    if moe.paper_gate:  # routing_core.paper_routing
         c = math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k)
     else:  # deepspeed.moe.sharded_moe._capacity: float32 (S/E) * (cf*k), ceil
         import torch

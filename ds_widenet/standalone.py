@@ -179,7 +179,7 @@ class MoE(nn.Module):
     def routes(self, logits: Tensor, used_token: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(l_aux, expert ids [k, S] (-1 = not routed), gate values [k, S] (0 where not routed))."""
         c = self.cfg
-        if c.router in ("paper", "bpr"):
+        if c.paper_gate:
             l_aux, _, _, indices, _, gates, _ = paper_routing(logits, c.k, c.eval_capacity_factor, c.min_capacity,
                                                               used_token, c.drop_tokens, priority=c.router == "bpr")
             return l_aux, indices, gates

@@ -93,7 +93,7 @@ class MoEFFN(nn.Module):
                        ep_size=ep_size, k=cfg.k, capacity_factor=cfg.capacity_factor,
                        eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
                        drop_tokens=cfg.drop_tokens, use_rts=False, top2_2nd_expert_sampling=True)
-        if cfg.router in ("paper", "bpr"):
+        if cfg.paper_gate:
             gate: TopKGate = PaperGate(
                 dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
                 cfg.drop_tokens, cfg.effective_noise_std, num_depths if cfg.per_depth_gate else 1,
