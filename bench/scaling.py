@@ -366,7 +366,7 @@ def launch_point(world: int, ep: int, zero: int, preset: str, micro: int, steps:
         codes = [p.wait() for p in procs]
         failed = [f"host {i} ({rc}):\n{logs[i].read_text()[-3000:]}" for i, rc in enumerate(codes) if rc != 0]
     if failed:
-        raise RuntimeError(f"hosts {hosts} world {world} ep {ep} zero {zero} failed {failed[0]}")
+        raise RuntimeError(f"hosts {hosts} world {world} ep {ep} zero {zero} failed " + "\n".join(failed))
     r = json.loads(out.read_text())
     r["hosts"] = hosts
     r["launch_wall_s"] = time.time() - t0
