@@ -38,6 +38,8 @@ VALID_PAIRS = [
     ("digits_vit_moe.yaml", "cpu_fp32_zero1.json", 2, ["parallel.ep_size=2"], (32, 1)),
     ("digits_vit.yaml", "cpu_fp32_zero1.json", 2, [], (32, 1)),
     ("mnist5k_widenet.yaml", "cpu_fp32.json", 1, [], (32, 2)),
+    ("mnist5k_vit.yaml", "cpu_fp32.json", 1, [], (32, 2)),
+    ("mnist5k_vit_moe.yaml", "cpu_fp32.json", 1, [], (32, 2)),
 ]
 for _name in ("cifar10_widenet.yaml", "cifar10_vit.yaml", "cifar10_vit_moe.yaml"):
     VALID_PAIRS += [(_name, "gpu_bf16_cifar.json", CIFAR_WORLD, [], (64, 1)),
@@ -151,11 +153,14 @@ def test_cifar_recipe_is_the_papers_cifar_column(name):
     assert (r.model.dropout, r.train.label_smoothing, r.train.mixup_alpha) == (0.1, 0.0, 0.5)
 
 
-@pytest.mark.parametrize("name", ["digits_vit.yaml", "digits_vit_moe.yaml"])
-def test_digits_baselines_mirror_digits_widenet(name):
-    """Everything but the model preset (and, for the dense ViT, the MoE section) is copied from
-    digits_widenet.yaml: after re-tuning that file, copy the change into the baselines."""
-    base = yaml.safe_load((CONFIGS / "digits_widenet.yaml").read_text())
+@pytest.mark.parametrize("name", ["digits_vit.yaml", "digits_vit_moe.yaml", "mnist5k_vit.yaml", "mnist5k_vit_moe.yaml"])
+def test_baselines_mirror_their_widenet_recipe(name):
+    """Everything but the model preset (and, for the dense ViT, the MoE section) is copied from the
+    data set's WideNet recipe (the paper table's matched budget): after re-tuning that file, copy the
+    change into the baselines."""
+    data = name.split("_", 1)[0]
+    base_name = f"{data}_widenet.yaml"
+    base = yaml.safe_load((CONFIGS / base_name).read_text())
     other = yaml.safe_load((CONFIGS / name).read_text())
     for key in sorted(set(base) | set(other)):
         if key == "description":
@@ -163,11 +168,11 @@ def test_digits_baselines_mirror_digits_widenet(name):
         if key == "model":
             b = {k: v for k, v in base["model"].items() if k != "preset"}
             o = {k: v for k, v in other["model"].items() if k != "preset"}
-            if name == "digits_vit.yaml":
+            if name.endswith("_vit.yaml"):
                 b.pop("moe", None)
-            assert o == b, f"{name}: model (except preset) differs from digits_widenet.yaml; copy the change"
+            assert o == b, f"{name}: model (except preset) differs from {base_name}; copy the change"
         else:
-            assert other.get(key) == base.get(key), f"{name}: '{key}' differs from digits_widenet.yaml; copy the change"
+            assert other.get(key) == base.get(key), f"{name}: '{key}' differs from {base_name}; copy the change"
 
 
 @pytest.mark.parametrize("recipe_name,json_name,world,overrides,layout", VALID_PAIRS, ids=_ids(VALID_PAIRS))
