@@ -27,10 +27,13 @@ RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
 # bound, not 100x), and the float noise of the correct runs was 2-5x higher.
 CLIP = 0.1
 # optimizer (+ router where not the paper's) -> overrides
+# (expert choice is run with ST-MoE's router z-loss on: one row for both)
 OPTIM = {"adamw": ["optim.lr=0.003"], "lamb": ["optim.name=lamb", "optim.lr=0.01"],
-         "adamw+bpr": ["optim.lr=0.003", "model.moe.router=bpr"]}
+         "adamw+bpr": ["optim.lr=0.003", "model.moe.router=bpr"],
+         "adamw+expert_choice+z_loss": ["optim.lr=0.003", "model.moe.router=expert_choice",
+                                        "model.moe.z_loss_weight=0.001"]}
 CONFIGS = [("adamw", 0, 1), ("adamw", 0, 2), ("adamw", 1, 1), ("adamw", 1, 2), ("adamw", 2, 1), ("adamw", 2, 2),
-           ("lamb", 1, 2), ("lamb", 2, 2), ("adamw+bpr", 2, 2)]
+           ("lamb", 1, 2), ("lamb", 2, 2), ("adamw+bpr", 2, 2), ("adamw+expert_choice+z_loss", 2, 2)]
 # negative control -> (optimizer, ZeRO stage, ep_size) where it bites
 CONTROLS = {"expert_grad_scale": ("adamw", 0, 2), "lamb_per_partition": ("lamb", 2, 2),
             "clip_avg": ("adamw", 0, 2), "noise_per_rank": ("adamw", 2, 2)}

@@ -33,7 +33,10 @@ class ConfigError(ValueError):
 # Model
 
 
-PAPER_GATE_ROUTERS = ("paper", "bpr")  # routers on the paper's gate weights: an export evaluates with either
+# Routers on the paper's gate weights (one [E, d] matrix, softmax probabilities as gate values): they
+# differ only in which tokens take expert capacity, so an export trained with one evaluates with any.
+PAPER_GATE_ROUTERS = ("paper", "bpr", "expert_choice")
+ROUTERS = (*PAPER_GATE_ROUTERS, "deepspeed")
 
 
 @dataclass
@@ -52,28 +55,45 @@ class MoEConfig:
     # "deepspeed": DeepSpeed's TopKGate unmodified (renormalised top-2, Gumbel 2nd-expert sampling).
     # "bpr": "paper" with V-MoE's Batch Prioritized Routing: tokens take capacity in the order of
     #        their top gate value, so a full expert drops the tokens its router was least sure of.
+    # "expert_choice": experts choose tokens (Zhou et al. 2022): each expert takes the C tokens of the
+    #        group (a rank's micro-batch) with its highest gate values, C the token-choice capacity
+    #        ceil(k*S/E*cf), so a token gets 0..E experts; no balance loss (balanced by construction).
     router: str = "paper"
     noise_std: Optional[float] = None  # None -> 1 / num_experts (the authors' code); 0 disables
     per_depth_gate: bool = False  # Colossal-AI variant: one gate matrix per depth (WideNet only)
     aux_loss_weight: float = 0.01
+    # ST-MoE's router z-loss, mean over tokens of logsumexp(router logits)^2 (the logits before the
+    # training noise), summed over MoE calls; 0 = off (not computed). ST-MoE uses 1e-3.
+    z_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.k not in (1, 2):
             raise ConfigError(f"model.moe.k={self.k}: DeepSpeed's MoE layer supports k=1 or k=2; set model.moe.k to 1 or 2")
         if self.num_experts < self.k:
             raise ConfigError(f"model.moe.num_experts={self.num_experts} < k={self.k}: use at least k experts")
-        if self.router not in ("paper", "bpr", "deepspeed"):
-            raise ConfigError(f"model.moe.router={self.router!r}: use 'paper', 'bpr' or 'deepspeed'")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"model.moe.router={self.router!r}: use one of {', '.join(ROUTERS)}")
         if self.per_depth_gate and not self.paper_gate:
-            raise ConfigError("model.moe.per_depth_gate needs model.moe.router='paper' or 'bpr' "
+            raise ConfigError(f"model.moe.per_depth_gate needs model.moe.router in {', '.join(PAPER_GATE_ROUTERS)} "
                               "(DeepSpeed's TopKGate has one matrix)")
+        if self.router == "expert_choice" and not self.drop_tokens:
+            raise ConfigError("model.moe.router=expert_choice gives every expert a fixed capacity: "
+                              "set model.moe.drop_tokens=true (or use router paper)")
+        if self.z_loss_weight < 0 or self.aux_loss_weight < 0:
+            raise ConfigError("model.moe.aux_loss_weight and model.moe.z_loss_weight must be >= 0")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ConfigError("model.moe capacity factors must be > 0")
 
     @property
     def paper_gate(self) -> bool:
-        """Whether the router is the paper's gate (PaperGate; `bpr` is it with prioritized capacity)."""
+        """Whether the router is the paper's gate (PaperGate; `bpr` and `expert_choice` are it with
+        another way of filling the experts' capacity)."""
         return self.router in PAPER_GATE_ROUTERS
+
+    @property
+    def expert_choice(self) -> bool:
+        """Whether experts choose tokens (router="expert_choice") rather than tokens experts."""
+        return self.router == "expert_choice"
 
     @property
     def effective_noise_std(self) -> float:

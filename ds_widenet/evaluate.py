@@ -1,5 +1,5 @@
 """`python -m ds_widenet.evaluate --weights model.safetensors [--data digits|mnist5k|cifar10|imagefolder|synthetic]
-[--root DIR] [--eval_capacity_factor F] [--router paper|bpr] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+[--root DIR] [--eval_capacity_factor F] [--router paper|bpr|expert_choice] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 [--batch N] [--json]`
 
 Top-1 of an exported model on a test split, and a per-depth routing summary (expert shares, drop
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, DataConfig
+from .config import PAPER_GATE_ROUTERS, ConfigError, DataConfig
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -39,13 +39,13 @@ def evaluate_exported(weights: Path, data: DataConfig, device: str = "cpu", batc
     if eval_capacity_factor:
         moe["eval_capacity_factor"] = eval_capacity_factor
     if router:
-        from .config import PAPER_GATE_ROUTERS
         from .export import read_export_info
 
         trained = (read_export_info(Path(weights))["model"].get("moe") or {}).get("router", "paper")
         if router not in PAPER_GATE_ROUTERS or trained not in PAPER_GATE_ROUTERS:
             raise ConfigError(f"--router {router}: a model trained with router={trained} can be evaluated with "
-                              "router paper or bpr only when it was trained with one of them (the same gate)")
+                              f"router {', '.join(PAPER_GATE_ROUTERS)} only when it was trained with one of them "
+                              "(the same gate)")
         moe["router"] = router
     overrides = {"moe": moe} if moe else None
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -69,8 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--data", default="digits", choices=["digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic"])
     ap.add_argument("--root", default=None)
     ap.add_argument("--eval_capacity_factor", type=float, default=None)
-    ap.add_argument("--router", default=None, choices=["paper", "bpr"],
-                    help="evaluate a paper/bpr-trained model with this router (capacity order only)")
+    ap.add_argument("--router", default=None, choices=list(PAPER_GATE_ROUTERS),
+                    help="evaluate a model trained with one of these routers with another (the same gate weights: "
+                         "only which tokens take the experts' capacity changes)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                     help="cast the fp32 weights for evaluation (bf16 reproduces a bf16 engine's evaluation)")

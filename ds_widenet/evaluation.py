@@ -33,6 +33,7 @@ def evaluate_loader(forward: Any, loader: Any, device: Any, dtype: torch.dtype) 
     if r is not None:
         result.update({"eval_min_expert_share": r["min_expert_share"], "eval_expert_share": r["expert_share_overall"],
                        "eval_expert_share_per_depth": r["expert_share"], "eval_drop_rate": r["drop_rate"],
-                       "eval_router_entropy": r["router_entropy"], "eval_route_change": r["route_change"]})
+                       "eval_router_entropy": r["router_entropy"], "eval_route_change": r["route_change"],
+                       "eval_route_change_matrix": r["route_change_matrix"]})
     return result
 

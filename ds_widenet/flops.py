@@ -67,6 +67,8 @@ def capacity(cfg: ModelConfig, tokens: int) -> int:
     assert moe is not None
     if not moe.drop_tokens:
         return math.ceil(moe.k * tokens / moe.num_experts)
+    if moe.expert_choice:  # routing_core.expert_choice_routing: never more than the group's tokens
+        return min(tokens, max(math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k), moe.min_capacity))
     if moe.paper_gate:  # routing_core.paper_routing
         c = math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k)
     else:  # deepspeed.moe.sharded_moe._capacity: float32 (S/E) * (cf*k), ceil
@@ -100,7 +102,7 @@ def expert_rows(cfg: ModelConfig, tokens: int, padded: bool = False, ep_size: in
     moe = cfg.moe
     assert moe is not None
     cap = capacity(cfg, tokens)
-    if padded:
+    if padded or moe.expert_choice:  # expert choice fills every slot
         return moe.num_experts * cap
     return ep_size * min(moe.num_experts // ep_size * cap, moe.k * tokens)
 
@@ -121,7 +123,8 @@ def layer_costs(cfg: ModelConfig, batch: int, padded: bool = False) -> list[Laye
         assert moe is not None
         router = s * d * moe.num_experts
         out.append(LayerCost("moe_router", moe_calls(cfg), router, router))
-        act = moe.k * s * 2 * d * moe.expert_dim
+        # activated: k experts per token; with expert choice every slot of every expert (E*C rows)
+        act = (expert_rows(cfg, s) if moe.expert_choice else moe.k * s) * 2 * d * moe.expert_dim
         exe = expert_rows(cfg, s, padded) * 2 * d * moe.expert_dim
         out.append(LayerCost("moe_experts", moe_calls(cfg), act, exe))
     head = batch * d * cfg.num_classes + (batch * d * d if cfg.pre_logits else 0)

@@ -1,11 +1,15 @@
 """A run report from a run directory's metrics.jsonl: PNG plots and a short Markdown summary.
 
     python -m ds_widenet.report RUN_DIR [--out DIR]      # default: RUN_DIR/report/
+    python -m ds_widenet.report RUN_A RUN_B ... --out DIR  # routing across depths, run by run
 
 Plots: loss.png (train and eval loss), top1.png, lr.png, expert_load.png (the share of each
 depth's routes taken by each expert, over time: one row per depth x expert), drop_rate.png and
 router_entropy.png (per depth), route_change.png (per pair of consecutive depths: the fraction of
-tokens whose chosen experts change, at each evaluation). report.md summarises them and lists the
+tokens whose chosen experts change, at each evaluation), depth_diversity.png (at the last evaluation:
+each depth's expert share and, for every pair of depths, the tokens whose chosen experts differ).
+Given several runs it writes depth_diversity.png with a column per run and compare.md instead.
+report.md summarises them and lists the
 warnings. Works on a run still in progress (a torn last line is ignored) and on a resumed run (the
 steps it logged again replace the earlier ones). A plot with no data yet is left out.
 """
@@ -125,6 +129,53 @@ def _load_heatmap(path: Path, train: Sequence[dict[str, Any]]) -> bool:
     return True
 
 
+def _last_eval_with(evals: Sequence[dict[str, Any]], *keys: str) -> Optional[dict[str, Any]]:
+    return next((r for r in reversed(evals) if all(isinstance(r.get(k), list) and r[k] for k in keys)), None)
+
+
+def _grid(rows: Any) -> Any:
+    import numpy as np
+
+    return np.ma.masked_invalid(np.array([[_num(v) for v in row] for row in rows], dtype=float))
+
+
+def _diversity_panels(axes: Any, rec: dict[str, Any], title: str) -> tuple[Any, Any]:
+    """Two heatmaps from one evaluation record: expert share per depth ([depth, E], share of that
+    depth's routes) and the route-change matrix ([depth, depth]: tokens whose chosen experts differ)."""
+    share, change = _grid(rec["eval_expert_share_per_depth"]), _grid(rec["eval_route_change_matrix"])
+    depth, experts = share.shape
+    a = axes[0].imshow(share, cmap="viridis", vmin=0.0, vmax=max(2.0 / experts, float(share.max())), aspect="auto")
+    axes[0].set(title=f"{title}\nexpert share per depth", xlabel="expert", ylabel="depth",
+                xticks=range(experts), yticks=range(depth))
+    import numpy as np
+
+    for d, e in zip(*np.nonzero(~np.ma.getmaskarray(share))):
+        axes[0].text(e, d, f"{share[d, e]:.2f}", ha="center", va="center", fontsize=7, color="white")
+    b = axes[1].imshow(change, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
+    axes[1].set(title="tokens whose experts change\nbetween depths i and j", xlabel="depth j", ylabel="depth i",
+                xticks=range(depth), yticks=range(depth))
+    for i, j in zip(*np.nonzero(~np.ma.getmaskarray(change))):
+        if i != j:
+            axes[1].text(j, i, f"{change[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                         color="white" if change[i, j] < 0.6 else "black")
+    return a, b
+
+
+def _diversity_plot(path: Path, evals: Sequence[dict[str, Any]]) -> bool:
+    rec = _last_eval_with(evals, "eval_expert_share_per_depth", "eval_route_change_matrix")
+    if rec is None:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    a, b = _diversity_panels(axes, rec, f"evaluation at step {rec['step']}")
+    fig.colorbar(a, ax=axes[0], label="share of routes")
+    fig.colorbar(b, ax=axes[1], label="fraction of tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _depth_lines(steps: list[int], series: list[list[float]], label: str = "depth {d}") -> list:
     return [(label.format(d=d, e=d + 1), steps, s) for d, s in enumerate(series)]
 
@@ -160,6 +211,9 @@ def write_plots(out: Path, parts: dict[str, list[dict[str, Any]]], num_experts: 
                    ylim=(0, 1)),
         "route_change.png", "At each evaluation: the fraction of test tokens whose top-k expert set at depth i+1 "
         "differs from depth i")
+    add(_diversity_plot(out / "depth_diversity.png", evals), "depth_diversity.png",
+        "At the last evaluation: each depth's expert share, and for every pair of depths the fraction of test "
+        "tokens whose chosen experts differ (how differently the shared router routes at each depth)")
     return made
 
 
@@ -288,14 +342,80 @@ def make_report(run: Path, out: Optional[Path] = None) -> Path:
     return path
 
 
+def run_label(recipe: Optional[dict[str, Any]], run: Path) -> str:
+    """A run's routing in a few words (router, per-depth gate, z-loss), else its directory name."""
+    moe = ((recipe or {}).get("model") or {}).get("moe")
+    if not isinstance(moe, dict):
+        return run.name
+    label = f"router {moe.get('router', '?')}"
+    if moe.get("per_depth_gate"):
+        label += ", per-depth gate"
+    if moe.get("z_loss_weight"):
+        label += f", z-loss {moe['z_loss_weight']:g}"
+    return label
+
+
+def compare_runs(runs: Sequence[Path], out: Path) -> Path:
+    """depth_diversity.png (one column per run: expert share per depth and the route-change matrix at
+    its last evaluation) and compare.md (a table per run) in `out`; returns compare.md's path."""
+    loaded = []
+    for run in runs:
+        metrics = Path(run) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ReportError(f"{run} holds no metrics.jsonl: pass --out directories of ds_widenet.train runs")
+        evals = split_metrics(read_metrics(metrics))["eval"]
+        rec = _last_eval_with(evals, "eval_expert_share_per_depth", "eval_route_change_matrix")
+        if rec is None:
+            raise ReportError(f"{run} has no evaluation with per-depth routing yet (an MoE run evaluates once per "
+                              "epoch by default)")
+        loaded.append((Path(run), _read_json(Path(run) / "recipe.json"), rec))
+    rows = ["| run | routing | top-1 (step) | route change i -> i+1, mean | any two depths, mean | "
+            "min expert share (depth) | dropped, mean |", "|---|---|---|---|---|---|---|"]
+    for run, recipe, rec in loaded:
+        rc = [_num(v) for v in rec["eval_route_change"] if not math.isnan(_num(v))]
+        m = rec["eval_route_change_matrix"]
+        pairs = [_num(m[i][j]) for i in range(len(m)) for j in range(i + 1, len(m)) if not math.isnan(_num(m[i][j]))]
+        shares = [(min(_num(v) for v in row), d) for d, row in enumerate(rec["eval_expert_share_per_depth"])]
+        low, low_d = min(shares)
+        drops = [_num(v) for v in rec.get("eval_drop_rate") or []]
+        rows.append(f"| {run.name} | {run_label(recipe, run)} | {_fmt(rec.get('top1'), pct=True)} ({rec['step']}) | "
+                    f"{_fmt(sum(rc) / len(rc) if rc else math.nan, pct=True)} | "
+                    f"{_fmt(sum(pairs) / len(pairs) if pairs else math.nan, pct=True)} | {low:.3f} ({low_d}) | "
+                    f"{_fmt(sum(drops) / len(drops) if drops else math.nan, pct=True)} |")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plt = _plt()
+        fig, axes = plt.subplots(2, len(loaded), figsize=(4.2 * len(loaded), 8), squeeze=False)
+        for c, (run, recipe, rec) in enumerate(loaded):
+            _diversity_panels(axes[:, c], rec, f"{run.name}\n{run_label(recipe, run)}")
+        fig.tight_layout()
+        fig.savefig(out / "depth_diversity.png", dpi=100)
+        plt.close(fig)
+        path = out / "compare.md"
+        path.write_text("\n".join(["# Routing across depths, run by run", "",
+                                    "Each run's last evaluation on its test split: top-1; the fraction of test tokens "
+                                    "whose chosen experts change between consecutive depths and between any two depths; "
+                                    "the smallest expert share of any depth; the dropped share.", "", *rows, "",
+                                    "![depth diversity](depth_diversity.png)", ""]))
+    except OSError as e:
+        raise ReportError(f"cannot write the comparison into {out}: {e.strerror or e}") from None
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ds_widenet.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", help="a run directory (the --out of ds_widenet.train), finished or in progress")
+    ap.add_argument("run_dir", nargs="+", help="a run directory (the --out of ds_widenet.train), finished or in "
+                    "progress; several: compare their routing across depths (needs --out)")
     ap.add_argument("--out", default=None, help="where to write the plots and report.md (default RUN_DIR/report)")
     args = ap.parse_args(argv)
     try:
-        path = make_report(Path(args.run_dir), Path(args.out) if args.out else None)
+        if len(args.run_dir) > 1:
+            if not args.out:
+                raise ReportError("comparing several runs writes depth_diversity.png and compare.md: pass --out DIR")
+            path = compare_runs([Path(r) for r in args.run_dir], Path(args.out))
+        else:
+            path = make_report(Path(args.run_dir[0]), Path(args.out) if args.out else None)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Shared by the DeepSpeed gates (models/routing.py) and the standalone inference model
 (standalone.py), so an exported model routes exactly as it was trained and evaluated:
-the paper's top-k with capacity, the router entropy, per-call routing statistics.
+the paper's top-k with capacity (token order or BPR), expert choice, the router z-loss and
+entropy, per-call routing statistics.
 """
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ class RoutingStats:
     routes each expert processed ([E]); `dropped` the fraction of routes dropped ([]);
     `entropy` the router entropy in nats, mean over the used tokens of the entropy of the softmax
     over experts (the probabilities that routed: with the paper gate's training noise), ln(E) for
-    a uniform router, 0 for a collapsed one; `num_tokens` the number of used (non-padding) tokens."""
+    a uniform router, 0 for a collapsed one; `num_tokens` the number of used (non-padding) tokens;
+    `z_loss` the router z-loss of the call (only where model.moe.z_loss_weight > 0).
+
+    With expert choice (`expert_choice`) a token has 0..E routes: `expert_index` is [E, B, T], row e
+    holding e where expert e took the token and -1 elsewhere, and `dropped` is the fraction of used
+    tokens that no expert took."""
 
     aux_loss: Tensor
     expert_index: Tensor
@@ -40,17 +46,27 @@ class RoutingStats:
     dropped: Tensor
     entropy: Optional[Tensor] = None
     num_tokens: Optional[Tensor] = None
+    z_loss: Optional[Tensor] = None
+    expert_choice: bool = False
 
 
 @dataclass
 class ModelOutput:
     """logits [B, classes]; aux_loss: the balance loss summed over every MoE call (unweighted; the
     recipe's model.moe.aux_loss_weight multiplies it); routing: one RoutingStats per MoE call, in
-    depth order (WideNet: one per depth; ViT-MoE: one per MoE block; ViT: empty)."""
+    depth order (WideNet: one per depth; ViT-MoE: one per MoE block; ViT: empty); z_loss: the router
+    z-loss summed over MoE calls (unweighted), None where model.moe.z_loss_weight is 0."""
 
     logits: Tensor
     aux_loss: Tensor
     routing: list[RoutingStats] = field(default_factory=list)
+    z_loss: Optional[Tensor] = None
+
+
+def sum_z_loss(routing: list[RoutingStats]) -> Optional[Tensor]:
+    """The calls' z-losses summed (None when no call computed one)."""
+    zs = [r.z_loss for r in routing if r.z_loss is not None]
+    return torch.stack(zs).sum() if zs else None
 
 
 def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
@@ -104,6 +120,44 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     return l_aux, capacity, num_experts, indices, locations, top_gates.t() * kept, exp_counts
 
 
+def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
+                          used_token: Optional[Tensor]):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes the C tokens of the group with its
+    highest gate values (the softmax over experts, as the paper's router computes it), C =
+    min(S, max(ceil(k*S/E*cf), min_capacity)): the token-choice capacity, so the experts do the same
+    work as top-k token choice at that capacity factor. Ties go to the earlier token (a stable sort);
+    padding is never taken. Returns paper_routing's tuple with E route rows per token: indices [E, S]
+    (row e is e where expert e took the token, else -1), locations [E, S] (the token's place among
+    the expert's C), gates [E, S] (its gate value, 0 where not taken); l_aux is 0 (no balance loss)."""
+    num_tokens, num_experts = logits.shape
+    probs = F.softmax(logits, dim=1)
+    capacity = min(num_tokens, max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity))
+    scores = probs.t().detach()  # [E, S]
+    if used_token is not None:
+        used = used_token.reshape(1, -1).bool()
+        scores = torch.where(used, scores, torch.full_like(scores, -1.0))  # padding sorts last
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :capacity]  # [E, C]
+    rank = torch.arange(capacity, device=logits.device).expand(num_experts, capacity)
+    loc = torch.full((num_experts, num_tokens), -1, dtype=torch.long, device=logits.device).scatter_(1, order, rank)
+    taken = loc >= 0
+    if used_token is not None:
+        taken = taken & used
+    experts = torch.arange(num_experts, device=logits.device).view(-1, 1).expand_as(loc)
+    indices = torch.where(taken, experts, torch.full_like(experts, -1)).to(torch.int32)
+    locations = torch.where(taken, loc, torch.zeros_like(loc)).to(torch.int32)
+    l_aux = logits.new_zeros(())
+    return l_aux, capacity, num_experts, indices, locations, probs.t() * taken, taken.sum(1).detach()
+
+
+def router_z_loss(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+    """ST-MoE's router z-loss: mean over the used tokens of logsumexp(logits)^2 ([S, E] -> [])."""
+    z = torch.logsumexp(logits.float(), dim=-1).square()
+    if used_token is None:
+        return z.mean()
+    w = used_token.reshape(-1).float()
+    return (z * w).sum() / w.sum().clamp(min=1.0)
+
+
 def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
     """Mean over the used tokens of the entropy (nats) of softmax(logits) over experts ([S, E] -> [])."""
     with torch.no_grad():
@@ -116,8 +170,10 @@ def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tenso
 
 
 def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
-                      used_token: Optional[Tensor], entropy: Optional[Tensor] = None) -> RoutingStats:
-    """Per-depth statistics from the gate's sparse routes ([k, S] expert ids, -1 = not routed)."""
+                      used_token: Optional[Tensor], entropy: Optional[Tensor] = None,
+                      z_loss: Optional[Tensor] = None, expert_choice: bool = False) -> RoutingStats:
+    """Per-depth statistics from the gate's sparse routes ([k, S] expert ids, -1 = not routed; with
+    expert choice [E, S], see RoutingStats)."""
     k, s = indices.shape
     idx = indices.long()
     if used_token is not None:
@@ -131,7 +187,11 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
     # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
     expert_tokens = torch.zeros(num_experts, device=idx.device).index_add_(
         0, idx.clamp(min=0).flatten(), kept.flatten().float())
-    dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
+    if expert_choice:  # a token is dropped when no expert took it (padding is never taken: not counted)
+        dropped = 1.0 - kept.any(0).sum().float() / n_tokens.clamp(min=1).float()
+    else:
+        dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
     return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
                         expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
-                        entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach())
+                        entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach(),
+                        z_loss=z_loss, expert_choice=expert_choice)

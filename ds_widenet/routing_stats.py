@@ -18,33 +18,46 @@ def _r(v: float, nd: int = 4) -> Optional[float]:
     return round(float(v), nd) if math.isfinite(float(v)) else None
 
 
-def route_changes(routing: Sequence[RoutingStats]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For consecutive depths (i, i+1): (tokens whose top-k expert set changed, tokens compared), [D-1] each,
-    on the routes' device.
+def depth_pairs(depth: int, all_pairs: bool = False) -> list[tuple[int, int]]:
+    """(i, i+1) for consecutive depths, or every (i, j) with i < j (row-major)."""
+    if all_pairs:
+        return [(i, j) for i in range(depth) for j in range(i + 1, depth)]
+    return [(i, i + 1) for i in range(depth - 1)]
+
+
+def route_changes(routing: Sequence[RoutingStats], all_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the depth pairs of `depth_pairs` (consecutive (i, i+1) by default, every i < j with
+    `all_pairs`): (tokens whose top-k expert set changed, tokens compared), one entry per pair, on the
+    routes' device.
 
     A token is compared when all its k routes were kept at both depths: a dropped route (-1, also
-    the padding mark) says nothing about which expert the router chose, so such tokens are left out."""
-    changed, compared = [], []
-    for a, b in zip(routing[:-1], routing[1:]):
-        ia, ib = a.expert_index, b.expert_index  # [k, B, T]
-        if ia.shape != ib.shape:
-            changed.append(torch.zeros((), device=ia.device))
-            compared.append(torch.zeros((), device=ia.device))
-            continue
-        full = (ia >= 0).all(0) & (ib >= 0).all(0)
-        diff = (ia.sort(0).values != ib.sort(0).values).any(0)
-        changed.append((diff & full).sum().float())
-        compared.append(full.sum().float())
-    if not changed:
+    the padding mark) says nothing about which expert the router chose, so such tokens are left out.
+    With expert choice (rows indexed by expert, see RoutingStats) a token is compared when some
+    expert took it at both depths, and it changed when the set of experts that took it differs."""
+    pairs = depth_pairs(len(routing), all_pairs)
+    if not pairs:
         return torch.zeros(0), torch.zeros(0)
+    # per depth once: the chosen set in a canonical order, and which tokens count
+    sets = [r.expert_index if r.expert_choice else r.expert_index.sort(0).values for r in routing]
+    full = [(r.expert_index >= 0).any(0) if r.expert_choice else (r.expert_index >= 0).all(0) for r in routing]
+    changed, compared = [], []
+    for i, j in pairs:
+        a, b = routing[i], routing[j]
+        if sets[i].shape != sets[j].shape or a.expert_choice != b.expert_choice:
+            changed.append(torch.zeros((), device=sets[i].device))
+            compared.append(torch.zeros((), device=sets[i].device))
+            continue
+        both = full[i] & full[j]
+        changed.append(((sets[i] != sets[j]).any(0) & both).sum().float())
+        compared.append(both.sum().float())
     return torch.stack(changed), torch.stack(compared)
 
 
 class RoutingAccumulator:
     """Sums per-depth routing statistics over micro-steps, on their device; `reduce()` sums them
     over all ranks and reads them back once.
-    `route_change=True` also compares consecutive depths' expert choices (a sort per depth pair:
-    evaluation only, kept off the training hot path)."""
+    `route_change=True` also compares every pair of depths' expert choices (a sort per depth and a
+    comparison per pair: evaluation only, kept off the training hot path)."""
 
     def __init__(self, route_change: bool = False) -> None:
         self.track_changes = route_change
@@ -53,8 +66,9 @@ class RoutingAccumulator:
         self.entropy: Optional[torch.Tensor] = None  # [depth] sum of mean entropies x used tokens
         self.weight: Optional[torch.Tensor] = None  # [depth] used tokens
         self.aux: Optional[torch.Tensor] = None  # [depth] sum of per-call aux losses
-        self.changed: Optional[torch.Tensor] = None  # [depth-1] tokens whose top-k set changed i -> i+1
-        self.compared: Optional[torch.Tensor] = None  # [depth-1] tokens compared
+        # per depth pair (depth_pairs(depth, all_pairs=route_change)): tokens whose top-k set changed, compared
+        self.changed: Optional[torch.Tensor] = None
+        self.compared: Optional[torch.Tensor] = None
         self.calls = 0
 
     def add(self, routing: Sequence[RoutingStats]) -> None:
@@ -65,7 +79,7 @@ class RoutingAccumulator:
         one, nan = torch.ones((), device=dev), torch.full((), float("nan"), device=dev)
         w = torch.stack([r.num_tokens.float() if r.num_tokens is not None else one for r in routing])
         if self.track_changes:
-            changed, compared = route_changes(routing)
+            changed, compared = route_changes(routing, all_pairs=True)
         else:
             changed = compared = torch.zeros(max(d - 1, 0), device=dev)
         parts = [torch.stack([r.expert_tokens.float() for r in routing]).flatten(),
@@ -108,7 +122,15 @@ class RoutingAccumulator:
         share = tokens / tokens.sum(dim=1, keepdim=True).clamp(min=1)
         overall = tokens.sum(0) / tokens.sum().clamp(min=1)
         change = torch.where(compared > 0, changed / compared.clamp(min=1), torch.full_like(changed, float("nan")))
-        return {
+        depth = tokens.shape[0]
+        matrix = None
+        if self.track_changes:  # every pair i < j: the consecutive ones are route_change
+            m = torch.zeros(depth, depth, dtype=change.dtype)
+            for v, (i, j) in zip(change.tolist(), depth_pairs(depth, all_pairs=True)):
+                m[i, j] = m[j, i] = v
+            matrix = m
+            change = torch.stack([m[i, i + 1] for i in range(depth - 1)]) if depth > 1 else change[:0]
+        out = {
             "expert_share": [[_r(v) for v in row] for row in share.tolist()],
             "expert_share_overall": [_r(v) for v in overall.tolist()],
             "min_expert_share": _r(overall.min()),
@@ -117,6 +139,9 @@ class RoutingAccumulator:
             "router_entropy": [_r(v) for v in (ent / weight).tolist()],
             "route_change": [_r(v) for v in change.tolist()],
         }
+        if matrix is not None:
+            out["route_change_matrix"] = [[_r(v) for v in row] for row in matrix.tolist()]
+        return out
 
 
 TRAIN_ROUTING_KEYS = ("min_expert_share", "expert_share", "drop_rate", "aux_per_depth", "router_entropy")

@@ -2,13 +2,14 @@
 
 Records in metrics.jsonl (one JSON object per line, rank 0 writes):
 
-* a log step: `step`, `loss`, `aux_loss`, `lr`, ..., and per depth (lists indexed by depth, i.e.
+* a log step: `step`, `loss`, `aux_loss`, `z_loss` (with model.moe.z_loss_weight > 0), `lr`, ..., and per depth (lists indexed by depth, i.e.
   by MoE call: every depth of WideNet, the MoE blocks of ViT-MoE) `expert_share` ([depth][expert]
   fraction of that depth's processed routes), `drop_rate`, `aux_per_depth`, `router_entropy`
   (nats; ln(E) is a uniform router, 0 a collapsed one), plus `min_expert_share` (overall);
 * an evaluation: `top1`, `eval_loss`, ..., `eval_drop_rate`, `eval_router_entropy`, and
   `eval_route_change`: for each pair of consecutive depths (i, i+1), the fraction of tokens whose
-  chosen experts (the top-k set) differ between depth i and depth i+1;
+  chosen experts (the top-k set) differ between depth i and depth i+1, and `eval_route_change_matrix`
+  the same for every pair of depths ([depth][depth], symmetric, 0 on the diagonal);
 * a warning: `{"step": N, "warning": "..."}`; an event: `{"step": N, "event": "..."}`.
 
 DeepSpeed's monitors (TensorBoard / CSV / W&B) get every scalar as `Train/<key>` / `Eval/<key>`

@@ -9,7 +9,8 @@ eval mode), operation for operation, so logits and expert choices match the engi
 * WideNet: ONE attention and ONE MoE FFN applied at every depth, through depth i's own
   LayerNorm pair (`attn_norms.{i}`, `moe_norms.{i}`);
 * the MoE FFN as DeepSpeed's MOELayer computes it in eval mode: router="paper" routes with
-  `routing_core.paper_routing` (padding marked by `used_token` takes no capacity; with
+  `routing_core.paper_routing` ("bpr": in priority order; "expert_choice":
+  `routing_core.expert_choice_routing`) (padding marked by `used_token` takes no capacity; with
   per_depth_gate, depth i uses rows [i*E, (i+1)*E) of the gate); router="deepspeed" with
   `deepspeed_top1_routes` / `deepspeed_top2_routes`, copies of DeepSpeed 0.19's top1gating /
   top2gating eval paths (no Gumbel sampling). Dropped routes contribute nothing; a token's
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, MoEConfig
-from .routing_core import ModelOutput, RoutingStats, paper_routing, router_entropy, stats_from_routes
+from .routing_core import (ModelOutput, RoutingStats, expert_choice_routing, paper_routing, router_entropy,
+                           router_z_loss, stats_from_routes, sum_z_loss)
 
 LN_EPS = 1e-6  # every LayerNorm of the DeepSpeed models (and timm's ViT default)
 
@@ -179,6 +181,10 @@ class MoE(nn.Module):
     def routes(self, logits: Tensor, used_token: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(l_aux, expert ids [k, S] (-1 = not routed), gate values [k, S] (0 where not routed))."""
         c = self.cfg
+        if c.expert_choice:
+            l_aux, _, _, indices, _, gates, _ = expert_choice_routing(logits, c.k, c.eval_capacity_factor,
+                                                                      c.min_capacity, used_token)
+            return l_aux, indices, gates
         if c.paper_gate:
             l_aux, _, _, indices, _, gates, _ = paper_routing(logits, c.k, c.eval_capacity_factor, c.min_capacity,
                                                               used_token, c.drop_tokens, priority=c.router == "bpr")
@@ -208,8 +214,9 @@ class MoE(nn.Module):
                 start += n
         # As DeepSpeed's _sparse_decode: fp32 gates, the sum over routes in fp32, then the model dtype.
         out = (routed.view(k, s, d) * gates.unsqueeze(-1)).sum(0).to(tokens.dtype)
+        z = router_z_loss(logits, used_token) if self.cfg.z_loss_weight > 0 else None
         stats = stats_from_routes(l_aux, indices, self.cfg.num_experts, b, used_token,
-                                  router_entropy(logits, used_token))
+                                  router_entropy(logits, used_token), z, self.cfg.expert_choice)
         return out.reshape(x.shape), l_aux, stats
 
 
@@ -277,7 +284,7 @@ class StandaloneModel(nn.Module):
         if valid is not None:
             used_token = valid.to(x.device).float().repeat_interleave(self.cfg.tokens_per_image)
         feats, aux, routing = self.forward_features(x, used_token)
-        return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=routing)
+        return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=routing, z_loss=sum_z_loss(routing))
 
 
 class WideNet(StandaloneModel):

@@ -43,6 +43,7 @@ class _Micro:
     finite: torch.Tensor  # this rank's loss was finite (0-dim bool)
     ce: torch.Tensor
     aux: torch.Tensor
+    z: Optional[torch.Tensor]  # the router z-loss, where model.moe.z_loss_weight > 0
     images: int
     out: Any  # the ModelOutput (its routing statistics)
     sample_ids: torch.Tensor
@@ -396,7 +397,7 @@ class Trainer:
     def _new_window(self) -> dict[str, Any]:
         # loss sums in float64 on the device: the same sums as Python floats of the fp32 losses
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        return {"loss": zero, "aux": zero, "n": 0, "t0": time.time(), "images": 0, "grad_norm": None}
+        return {"loss": zero, "aux": zero, "z": zero, "n": 0, "t0": time.time(), "images": 0, "grad_norm": None}
 
     def train_micro_step(self, images: Any, labels: Any, idx: Any) -> bool:
         """Forward and backward of one micro-batch, and the optimizer step at the accumulation
@@ -415,9 +416,14 @@ class Trainer:
                                 [recipe.seed, step, rng.SITE_MIXUP, first])
         out = engine(images.to(self.dtype), sample_ids=idx, step=step, seed=recipe.seed)
         ce = soft_cross_entropy(out.logits, targets)
-        aux_w = recipe.model.moe.aux_loss_weight if recipe.model.moe else 0.0
-        loss = ce + aux_w * out.aux_loss
-        self.pending.append(_Micro(self.guard.finite(loss), ce.detach(), out.aux_loss.detach(), images.shape[0], out, idx))
+        moe = recipe.model.moe
+        loss = ce + (moe.aux_loss_weight if moe else 0.0) * out.aux_loss
+        z = out.z_loss
+        if z is not None:
+            loss = loss + moe.z_loss_weight * z
+            z = z.detach()
+        self.pending.append(_Micro(self.guard.finite(loss), ce.detach(), out.aux_loss.detach(), z, images.shape[0],
+                                   out, idx))
         self.guard.backward(loss)  # a non-finite one too: see guards.NonFiniteGuard
         boundary = (self.micro + 1) % self.layout.grad_accum == 0
         self.log_now = boundary and ((step + 1) % recipe.train.log_interval == 0 or step + 1 == self.total_steps)
@@ -449,6 +455,8 @@ class Trainer:
                 continue
             w["loss"] = w["loss"] + m.ce.double()
             w["aux"] = w["aux"] + m.aux.double()
+            if m.z is not None:
+                w["z"] = w["z"] + m.z.double()
             w["n"] += 1
             w["images"] += m.images
             self.routing.add(m.out.routing)
@@ -469,17 +477,22 @@ class Trainer:
     def log_step(self) -> None:
         w = self.window
         n = max(w["n"], 1)  # 0: every micro-batch of the window was skipped (train.nan_policy=skip)
-        loss_avg, aux_avg, imgs = all_reduce_mean_tensor(
-            torch.stack([w["loss"] / n, w["aux"] / n, w["loss"].new_tensor(float(w["images"]))]))
+        loss_avg, aux_avg, z_avg, imgs = all_reduce_mean_tensor(
+            torch.stack([w["loss"] / n, w["aux"] / n, w["z"] / n, w["loss"].new_tensor(float(w["images"]))]))
         elapsed = time.time() - w["t0"]
         ips = imgs * self.layout.world / max(elapsed, 1e-9)
         rec: dict[str, Any] = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss_avg,
                                "aux_loss": aux_avg, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": ips,
                                "grad_norm": None if w["grad_norm"] is None else float(w["grad_norm"])}
+        z_on = self.recipe.model.moe is not None and self.recipe.model.moe.z_loss_weight > 0
+        if z_on:
+            rec["z_loss"] = z_avg
         if self.peak_flops:
             rec["mfu"] = ips * self.flops_per_image / self.peak_flops
         if not w["n"]:
             rec["loss"] = rec["aux_loss"] = None
+            if z_on:
+                rec["z_loss"] = None
         r = self.routing.reduce()
         rec.update({**routing_fields(r), "skipped_steps": self.guard.skipped})  # per-depth routing
         self.log.write(self.log_record(rec))

@@ -283,3 +283,52 @@ def test_widenet_and_vit_share_one_depth_loop():
     from ds_widenet.models.base import VisionBackbone
 
     assert WideNet.forward_features is VisionBackbone.forward_features is ViT.forward_features
+
+
+# --------------------------------------------------------------------------------------------
+# Routers beyond the paper's inside the models (the routing arithmetic itself: test_routers.py)
+
+
+def _train(cfg: ModelConfig, steps: int, z_weight: float = 0.0) -> torch.nn.Module:
+    model = model_of(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    labels = torch.arange(8) % 5
+    for step in range(steps):
+        out = model(images(8, seed=step % 3), step=step)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss
+        if z_weight:
+            loss = loss + z_weight * out.z_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_the_z_loss_is_computed_only_when_weighted_and_trains_the_router_logits_down():
+    assert build_model(tiny())(images()).z_loss is None
+    cfg = tiny(z_loss_weight=1.0)
+    with torch.no_grad():
+        before = float(model_of(cfg).eval()(images()).z_loss)
+    plain = _train(cfg, 25, z_weight=0.0).eval()
+    zl = _train(cfg, 25, z_weight=1.0).eval()
+    with torch.no_grad():
+        z_plain, z_trained = float(plain(images()).z_loss), float(zl(images()).z_loss)
+    # the same 25 steps with the z-loss in the objective leave router logits of far smaller magnitude
+    assert z_trained < 0.5 * z_plain and z_trained < before, (before, z_plain, z_trained)
+
+
+@pytest.mark.parametrize("arch", ["widenet", "vit_moe"])
+def test_expert_choice_fills_every_expert_to_capacity_and_trains_gate_and_experts(arch):
+    cfg = tiny(arch, router="expert_choice", capacity_factor=1.0)
+    model = model_of(cfg).train()
+    out = model(images(4))
+    cap = 4 * 16 * 2 // 4  # k * S / E at capacity factor 1
+    for r in out.routing:
+        assert r.expert_index.shape == (4, 4, 16)  # one row per expert
+        assert r.expert_tokens.tolist() == [float(cap)] * 4
+        assert float(r.aux_loss) == 0.0
+    out.logits.square().sum().backward()
+    gate = [p for n, p in model.named_parameters() if n.endswith("gate.wg.weight")]
+    experts = [p for n, p in model.named_parameters() if "deepspeed_experts" in n and n.endswith("fc1.weight")]
+    assert gate and experts
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate + experts)

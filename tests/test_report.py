@@ -14,7 +14,7 @@ from ds_widenet.report import main, make_report
 from tests.distributed.launch import ROOT, child_env
 
 PNG = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = ("loss", "top1", "lr", "expert_load", "drop_rate", "router_entropy", "route_change")
+ALL_PLOTS = ("loss", "top1", "lr", "expert_load", "drop_rate", "router_entropy", "route_change", "depth_diversity")
 
 
 def train_row(step: int, loss: float, depth: int = 3, collapse: bool = False) -> dict:
@@ -26,11 +26,13 @@ def train_row(step: int, loss: float, depth: int = 3, collapse: bool = False) ->
 
 def eval_row(step: int, top1: float) -> dict:
     return {"step": step, "top1": top1, "eval_loss": 1.0 / step, "eval_images": 360, "eval_drop_rate": [0.0] * 3,
-            "eval_router_entropy": [1.3, 1.2, 1.1], "eval_route_change": [0.4, 0.125]}
+            "eval_router_entropy": [1.3, 1.2, 1.1], "eval_route_change": [0.4, 0.125],
+            "eval_expert_share_per_depth": [[0.25, 0.25, 0.3, 0.2], [0.4, 0.1, 0.3, 0.2], [0.25] * 4],
+            "eval_route_change_matrix": [[0.0, 0.4, 0.5], [0.4, 0.0, 0.125], [0.5, 0.125, 0.0]]}
 
 
-def make_run(tmp_path: Path, rows: list[dict], torn: str = "", final: bool = False) -> Path:
-    run = tmp_path / "run"
+def make_run(tmp_path: Path, rows: list[dict], torn: str = "", final: bool = False, name: str = "run") -> Path:
+    run = tmp_path / name
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
     (run / "recipe.json").write_text(json.dumps({"description": "a tiny test run", "model": {
@@ -104,3 +106,26 @@ def test_a_missing_run_or_metrics_file_is_a_one_line_error_with_exit_2(tmp_path,
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+
+
+def test_several_runs_compare_their_routing_across_depths_in_one_figure_and_table(tmp_path):
+    a = make_run(tmp_path, [train_row(10, 1.0), eval_row(10, 0.5)], name="a")
+    b = make_run(tmp_path, [train_row(10, 1.0), eval_row(10, 0.75)], name="b")
+    rec = json.loads((b / "recipe.json").read_text())
+    rec["model"]["moe"].update(router="expert_choice", per_depth_gate=True, z_loss_weight=0.001)
+    (b / "recipe.json").write_text(json.dumps(rec))
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "depth_diversity.png").read_bytes()[:8] == PNG
+    # consecutive pairs 0.4, 0.125 -> 26.2%; all pairs 0.4, 0.5, 0.125 -> 34.2%; smallest share 0.1 at depth 1
+    assert "| a | router paper | 50.0% (10) | 26.2% | 34.2% | 0.100 (1) | 0.0% |" in md
+    assert "| b | router expert_choice, per-depth gate, z-loss 0.001 | 75.0% (10) |" in md
+
+
+def test_comparing_runs_needs_an_out_directory_and_evaluations(tmp_path, capsys):
+    a = make_run(tmp_path, [train_row(10, 1.0), eval_row(10, 0.5)], name="a")
+    b = make_run(tmp_path, [train_row(10, 1.0)], name="b")
+    assert main([str(a), str(a)]) == 2
+    assert "pass --out DIR" in capsys.readouterr().err
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    assert "has no evaluation with per-depth routing yet" in capsys.readouterr().err

@@ -1,12 +1,15 @@
 """The routers beyond the paper's, each against an independent small implementation on fixed inputs:
-`bpr` (V-MoE's Batch Prioritized Routing)."""
+`bpr` (V-MoE's Batch Prioritized Routing), `expert_choice` (experts take their top-C tokens), and
+ST-MoE's router z-loss."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from ds_widenet.config import ConfigError, MoEConfig
-from ds_widenet.routing_core import paper_routing
+from ds_widenet.routing_core import expert_choice_routing, paper_routing, router_z_loss, stats_from_routes
 
 
 def greedy_routes(probs: torch.Tensor, k: int, capacity: int, prioritized: bool):
@@ -75,7 +78,85 @@ def test_bpr_padding_takes_no_capacity_and_gradients_reach_the_gate_values():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-def test_bpr_is_a_router_option_and_allows_the_per_depth_gate():
+def test_bpr_and_expert_choice_are_router_options_and_allow_the_per_depth_gate():
     assert MoEConfig(router="bpr", per_depth_gate=True).router == "bpr"
-    with pytest.raises(ConfigError, match="'paper', 'bpr' or 'deepspeed'"):
+    assert MoEConfig(router="expert_choice", per_depth_gate=True).expert_choice
+    with pytest.raises(ConfigError, match="paper, bpr, expert_choice, deepspeed"):
         MoEConfig(router="priority")
+    with pytest.raises(ConfigError, match="drop_tokens=true"):
+        MoEConfig(router="expert_choice", drop_tokens=False)
+    with pytest.raises(ConfigError, match="z_loss_weight must be >= 0"):
+        MoEConfig(z_loss_weight=-1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# expert choice
+
+
+def expert_choice_reference(probs: torch.Tensor, capacity: int, used: list[bool]):
+    """Expert by expert in plain Python: the used tokens sorted by this expert's gate value, highest
+    first (ties: the earlier token), the first `capacity` taken. Returns expert ids [E][S] (row e is e
+    where taken, else -1), places [E][S], gate values [E][S]."""
+    p = probs.tolist()
+    s_n, e_n = len(p), len(p[0])
+    idx, loc, gate = ([[v] * s_n for _ in range(e_n)] for v in (-1, 0, 0.0))
+    for e in range(e_n):
+        ranked = sorted((s for s in range(s_n) if used[s]), key=lambda s: (-p[s][e], s))
+        for place, s in enumerate(ranked[:capacity]):
+            idx[e][s], loc[e][s], gate[e][s] = e, place, p[s][e]
+    return idx, loc, gate
+
+
+@pytest.mark.parametrize("k, cf", [(1, 1.0), (2, 0.5), (2, 1.25), (2, 4.0)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_expert_choice_equals_a_reference_where_each_expert_takes_its_top_c_tokens(k, cf, padded):
+    g = torch.Generator().manual_seed(10 * k + int(4 * cf) + padded)
+    logits = torch.randn(40, 4, generator=g) * 2
+    logits[5] = logits[6]  # a tie: the earlier token goes first
+    used = torch.ones(40, dtype=torch.bool)
+    if padded:
+        used[-7:] = False
+    probs = torch.softmax(logits, dim=1)
+    l_aux, capacity, _, idx, loc, gates, counts = expert_choice_routing(
+        logits, k, cf, 1, used.float() if padded else None)
+    assert capacity == min(40, math.ceil(40 / 4 * cf * k))
+    ref_idx, ref_loc, ref_gate = expert_choice_reference(probs, capacity, used.tolist())
+    assert idx.tolist() == ref_idx and loc.tolist() == ref_loc
+    assert torch.equal(gates, torch.tensor(ref_gate))
+    assert counts.tolist() == [min(capacity, int(used.sum()))] * 4  # every expert is full (balanced)
+    assert float(l_aux) == 0.0  # no balance loss
+
+
+def test_expert_choice_statistics_count_tokens_no_expert_took_as_dropped():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, 4, generator=g) * 3
+    _, _, _, idx, _, _, _ = expert_choice_routing(logits, 1, 1.0, 1, None)  # C = 8: 32 slots for 32 tokens
+    stats = stats_from_routes(torch.zeros(()), idx, 4, 4, None, expert_choice=True)
+    untouched = int(((idx >= 0).sum(0) == 0).sum())
+    assert untouched > 0  # with 3x logits some tokens are every expert's last choice
+    assert math.isclose(float(stats.dropped), untouched / 32, rel_tol=1e-6)
+    assert stats.expert_tokens.tolist() == [8.0] * 4 and stats.expert_index.shape == (4, 4, 8)
+
+
+def test_expert_choice_gradients_reach_the_gate_values_of_taken_tokens_only():
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    _, _, _, idx, _, gates, _ = expert_choice_routing(logits, 1, 1.0, 1, None)
+    (gates * torch.arange(1.0, 5.0).view(4, 1)).sum().backward()
+    untaken = (idx < 0).all(0)
+    assert untaken.any() and logits.grad is not None
+    assert (logits.grad[untaken] == 0).all() and logits.grad[~untaken].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# router z-loss
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_z_loss_equals_the_mean_squared_log_partition_function(padded):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(24, 4, generator=g) * 4
+    used = [not (padded and s % 5 == 0) for s in range(24)]
+    rows = [r for r, u in zip(logits.double().tolist(), used) if u]
+    ref = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in rows) / len(rows)
+    got = router_z_loss(logits, torch.tensor(used).float() if padded else None)
+    assert math.isclose(float(got), ref, rel_tol=1e-5)

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,13 +118,28 @@ def test_route_change_counts_tokens_whose_top_k_set_differs_and_leaves_out_dropp
     assert acc.reduce()["route_change"] == [pytest.approx(2 / 3, abs=1e-4), 0.0]
 
 
+def test_expert_choice_route_change_compares_the_sets_of_experts_that_took_each_token():
+    # [E=4, B=1, T=4], row e = e where expert e took the token; token 0: {0,1} -> {0,1} same;
+    # 1: {2} -> {2,3} changed; 2: no expert at depth 0 (left out); 3: {3} -> {1} changed
+    d0 = fake_stats([[[0, -1, -1, -1]], [[1, -1, -1, -1]], [[-1, 2, -1, -1]], [[-1, -1, -1, 3]]])
+    d1 = fake_stats([[[0, -1, 0, -1]], [[1, -1, -1, 1]], [[-1, 2, -1, -1]], [[-1, 3, -1, -1]]])
+    for d in (d0, d1):
+        d.expert_choice = True
+    changed, compared = route_changes([d0, d1])
+    assert changed.tolist() == [2.0] and compared.tolist() == [3.0]
+
+
 def test_route_change_is_zero_for_depths_that_route_alike_and_one_for_depths_that_swap_experts():
     same = tiny(depth=4, per_depth_gate=True, eval_capacity_factor=4.0)
     constant_router(same, [[4.0, 3.0, -4.0, -4.0]] * 4)
     assert summary_of(same, train=False)["route_change"] == [0.0, 0.0, 0.0]
     swap = tiny(depth=4, per_depth_gate=True, eval_capacity_factor=4.0)
     constant_router(swap, [[4.0, 3.0, -4.0, -4.0], [-4.0, -4.0, 3.0, 4.0]] * 2)
-    assert summary_of(swap, train=False)["route_change"] == [1.0, 1.0, 1.0]
+    s = summary_of(swap, train=False)
+    assert s["route_change"] == [1.0, 1.0, 1.0]
+    # every pair of depths: depths 0 and 2 (1 and 3) route alike, the others swap
+    assert s["route_change_matrix"] == [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0],
+                                        [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
 
 
 def test_a_real_widenet_routes_some_tokens_differently_at_different_depths():
@@ -209,8 +223,8 @@ def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
     # rank 0: every route to experts 0/1, nothing dropped; rank 1: experts 2/3, half dropped
     idx = [[[0, 0, 0, 0]], [[1, 1, 1, 1]]] if rank == 0 else [[[2, 2, -1, -1]], [[3, 3, -1, -1]]]
     tokens = torch.tensor([4.0, 4.0, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 0.0, 2.0, 2.0])
-    st = SimpleNamespace(aux_loss=torch.tensor(1.0 + rank), expert_index=torch.tensor(idx), expert_tokens=tokens,
-                         dropped=torch.tensor(0.5 * rank), entropy=torch.tensor(0.1 + rank), num_tokens=torch.tensor(4))
+    st = RoutingStats(aux_loss=torch.tensor(1.0 + rank), expert_index=torch.tensor(idx), expert_tokens=tokens,
+                      dropped=torch.tensor(0.5 * rank), entropy=torch.tensor(0.1 + rank), num_tokens=torch.tensor(4))
     acc.add([st, st])
     s = acc.reduce()
     if rank == 0:

@@ -29,6 +29,9 @@ CASES = {
     "per_depth_gate": tiny(per_depth_gate=True),
     "bpr": tiny(router="bpr"),
     "vit_moe_bpr_k1": tiny("vit_moe", router="bpr", k=1),
+    "expert_choice": tiny(router="expert_choice"),
+    "vit_moe_expert_choice_k1": tiny("vit_moe", router="expert_choice", k=1),
+    "z_loss": tiny(z_loss_weight=1e-3),
     "vit": tiny("vit", pool="cls", pre_logits=True),
     "vit_moe": tiny("vit_moe", pool="cls"),
     "deepspeed_k1": tiny(router="deepspeed", k=1),
@@ -54,6 +57,9 @@ def assert_same_outputs(ref: ModelOutput, got: ModelOutput) -> None:
     """Logits within 1e-5 of the largest, the same aux loss, identical expert choices per depth."""
     assert (got.logits - ref.logits).abs().max() <= 1e-5 * ref.logits.abs().max()
     torch.testing.assert_close(got.aux_loss, ref.aux_loss, rtol=1e-6, atol=1e-7)
+    assert (got.z_loss is None) == (ref.z_loss is None)
+    if ref.z_loss is not None:
+        torch.testing.assert_close(got.z_loss, ref.z_loss, rtol=1e-6, atol=1e-7)
     assert len(got.routing) == len(ref.routing)
     for depth, (a, b) in enumerate(zip(ref.routing, got.routing)):
         assert torch.equal(a.expert_index, b.expert_index), depth
@@ -69,7 +75,8 @@ def assert_same_outputs(ref: ModelOutput, got: ModelOutput) -> None:
 def test_the_standalone_model_computes_what_the_deepspeed_model_evaluates(tmp_path, case, capacity):
     cfg = CASES[case]
     if capacity == "dropping":  # a capacity factor low enough that every depth drops routes
-        cfg = replace(cfg, moe=replace(cfg.moe, eval_capacity_factor=0.5))
+        # (expert choice drops a token only when no expert takes it: fewer at the same factor)
+        cfg = replace(cfg, moe=replace(cfg.moe, eval_capacity_factor=0.25 if cfg.moe.expert_choice else 0.5))
     model = randomised(cfg)
     standalone = load_exported(save_export(model.state_dict(), cfg, tmp_path / "m.safetensors"))
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))

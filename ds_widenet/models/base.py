@@ -11,7 +11,7 @@ from .. import deepspeed_internals as dsi
 from .. import rng
 from ..config import ModelConfig
 from .layers import MoEFFN, PatchEmbed, _dropout
-from ..routing_core import ModelOutput, RouteKey, RoutingStats  # noqa: F401
+from ..routing_core import ModelOutput, RouteKey, RoutingStats, sum_z_loss  # noqa: F401
 
 
 class VisionBackbone(nn.Module):
@@ -119,7 +119,7 @@ class VisionBackbone(nn.Module):
             tokens = self.patch_embed.num_patches + self.num_prefix
             used_token = valid.to(x.device).float().repeat_interleave(tokens)
         feats, aux, routing = self.forward_features(x, key, used_token)
-        return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=routing)
+        return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=routing, z_loss=sum_z_loss(routing))
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:

@@ -97,11 +97,11 @@ class MoEFFN(nn.Module):
             gate: TopKGate = PaperGate(
                 dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
                 cfg.drop_tokens, cfg.effective_noise_std, num_depths if cfg.per_depth_gate else 1,
-                priority=cfg.router == "bpr")
+                priority=cfg.router == "bpr", expert_choice=cfg.expert_choice, z_loss=cfg.z_loss_weight > 0)
         else:
             gate = DeepSpeedGate(dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor,
                                  cfg.min_capacity, noisy_gate_policy=None, drop_tokens=cfg.drop_tokens, use_rts=False,
-                                 top2_2nd_expert_sampling=True)
+                                 top2_2nd_expert_sampling=True, z_loss=cfg.z_loss_weight > 0)
         dsi.set_moe_gate(self.moe, gate)
         # DeepSpeed's layer with the experts as grouped matmuls over the filled slots (moe_layer.py)
         dsi.set_moe_layer(self.moe, SparseMoELayer.from_layer(dsi.moe_layer(self.moe), Mlp(dim, cfg.expert_dim)))
@@ -118,7 +118,8 @@ class MoEFFN(nn.Module):
                 used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, RoutingStats]:
         res = dsi.moe_layer(self.moe)(x, used_token, depth, key)
         r = res.routes
-        stats = stats_from_routes(r.aux_loss, r.indices, self.cfg.num_experts, x.shape[0], used_token, r.entropy)
+        stats = stats_from_routes(r.aux_loss, r.indices, self.cfg.num_experts, x.shape[0], used_token, r.entropy,
+                                  r.z_loss, r.expert_choice)
         return _dropout(res.output, self.dropout, self.training, key, depth, rng.SITE_FFN_DROP), r.aux_loss, stats
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ Two gates plug into `deepspeed.moe.layer.MoE`:
 
 * `DeepSpeedGate` (router="deepspeed"): DeepSpeed's own `TopKGate`, with the Gumbel sampling of
   the second expert in training only (see its doc).
-* `PaperGate` (router="paper"; "bpr" adds V-MoE's Batch Prioritized Routing), a `TopKGate` subclass
+* `PaperGate` (router="paper"; "bpr" adds V-MoE's Batch Prioritized Routing; "expert_choice" lets
+  each expert take its top-C tokens instead, on the same gate), a `TopKGate` subclass
   with the WideNet/V-MoE routing of the authors' code: noise N(0, std^2) added to the logits in
   training, softmax, top-k; the gate
   values are the plain softmax probabilities (DeepSpeed renormalises g1+g2 for k=2); no Gumbel
@@ -29,7 +30,8 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import Tensor
 
 from .. import rng
-from ..routing_core import RouteKey, RoutingStats, paper_routing, router_entropy, stats_from_routes  # noqa: F401
+from ..routing_core import (RouteKey, RoutingStats, expert_choice_routing, paper_routing,  # noqa: F401
+                            router_entropy, router_z_loss, stats_from_routes)
 
 NoiseSource = Callable[[torch.Size, int, Optional[RouteKey], torch.device], Tensor]
 
@@ -51,8 +53,8 @@ def keyed_router_noise(shape: torch.Size, depth: int, key: Optional[RouteKey], d
 @dataclass
 class Routes:
     """What a gate decides for one call: balance loss, capacity C (slots per expert), and per route
-    ([k, S]) the expert (-1: not routed), its slot in that expert and its gate value; the router
-    entropy of the call (see routing_core.RoutingStats)."""
+    ([k, S]; [E, S] with expert choice) the expert (-1: not routed), its slot in that expert and its
+    gate value; the router entropy and z-loss of the call (see routing_core.RoutingStats)."""
 
     aux_loss: Tensor
     capacity: int
@@ -60,6 +62,8 @@ class Routes:
     locations: Tensor
     gates: Tensor
     entropy: Optional[Tensor]
+    z_loss: Optional[Tensor] = None
+    expert_choice: bool = False
 
 
 class PaperGate(TopKGate):
@@ -67,7 +71,8 @@ class PaperGate(TopKGate):
 
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                 noise_std: float, num_depths: int = 1, priority: bool = False) -> None:
+                 noise_std: float, num_depths: int = 1, priority: bool = False, expert_choice: bool = False,
+                 z_loss: bool = False) -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=False)
@@ -76,6 +81,8 @@ class PaperGate(TopKGate):
         self.wg = torch.nn.Linear(model_dim, num_experts * num_depths, bias=False)
         self.noise_std = noise_std
         self.priority = priority  # router="bpr": capacity taken in the order of the top gate values
+        self.expert_choice = expert_choice  # router="expert_choice": each expert takes its top-C tokens
+        self.z_loss = z_loss  # compute ST-MoE's router z-loss (model.moe.z_loss_weight > 0)
         # Where the training noise comes from: keyed by default; anything with this signature
         # (e.g. a rank-local generator, to show what keyed noise protects against) can replace it.
         self.noise_source: NoiseSource = keyed_router_noise
@@ -90,12 +97,18 @@ class PaperGate(TopKGate):
     def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
                 key: Optional[RouteKey] = None) -> Routes:
         logits = self.logits(input, depth)
+        z = router_z_loss(logits, used_token) if self.z_loss else None  # of the logits before the noise
         if self.training and self.noise_std > 0:
             logits = logits + self.noise_std * self.noise_source(logits.shape, depth, key, logits.device)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        l_aux, capacity, _, indices, locations, gates, _ = paper_routing(
-            logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group, self.priority)
-        return Routes(l_aux, capacity, indices, locations, gates, router_entropy(logits, used_token))
+        if self.expert_choice:
+            l_aux, capacity, _, indices, locations, gates, _ = expert_choice_routing(
+                logits, self.k, cf, self.min_capacity, used_token)
+        else:
+            l_aux, capacity, _, indices, locations, gates, _ = paper_routing(
+                logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group, self.priority)
+        return Routes(l_aux, capacity, indices, locations, gates, router_entropy(logits, used_token), z,
+                      self.expert_choice)
 
 
 class DeepSpeedGate(TopKGate):
@@ -109,6 +122,10 @@ class DeepSpeedGate(TopKGate):
     DeepSpeed's top-2 gating ignores `used_token`: evaluation padding takes expert capacity with
     this router (with router="paper" it takes none)."""
 
+    def __init__(self, *args, z_loss: bool = False, **kwargs) -> None:  # noqa: ANN002, ANN003 (TopKGate's)
+        super().__init__(*args, **kwargs)
+        self.z_loss = z_loss  # compute ST-MoE's router z-loss (model.moe.z_loss_weight > 0)
+
     def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
                 key: Optional[RouteKey] = None) -> Routes:
         sampling = self.top2_2nd_expert_sampling
@@ -117,7 +134,10 @@ class DeepSpeedGate(TopKGate):
             l_aux, capacity, _, indices, locations, gates, _ = super().forward(input, used_token, True, False)
         finally:
             self.top2_2nd_expert_sampling = sampling
-        with torch.no_grad():  # softmax(wg(x)) is what routed: noisy_gate_policy is never set
-            entropy = router_entropy(F.linear(input.float(), self.wg.weight.float()), used_token)
+        # softmax(wg(x)) is what routed (noisy_gate_policy is never set); with grad for the z-loss only
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss):
+            logits = F.linear(input.float(), self.wg.weight.float())
+        z = router_z_loss(logits, used_token) if self.z_loss else None
+        entropy = router_entropy(logits, used_token)
         # DeepSpeed's capacity is a tensor: one host read (and a graph break under torch.compile)
-        return Routes(l_aux, int(capacity), indices, locations, gates, entropy)
+        return Routes(l_aux, int(capacity), indices, locations, gates, entropy, z)
