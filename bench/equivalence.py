@@ -27,11 +27,12 @@ RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
 # bound, not 100x), and the float noise of the correct runs was 2-5x higher.
 CLIP = 0.1
 # optimizer (+ router where not the paper's) -> overrides
-# (expert choice is run with ST-MoE's router z-loss on: one row for both)
+# (expert choice is run with ST-MoE's router z-loss on: one row for both; at capacity factor 0.5, where
+# E*C = S slots leave some tokens to no expert: at 1.0 with k 2 every token is taken)
 OPTIM = {"adamw": ["optim.lr=0.003"], "lamb": ["optim.name=lamb", "optim.lr=0.01"],
          "adamw+bpr": ["optim.lr=0.003", "model.moe.router=bpr"],
          "adamw+expert_choice+z_loss": ["optim.lr=0.003", "model.moe.router=expert_choice",
-                                        "model.moe.z_loss_weight=0.001"]}
+                                        "model.moe.z_loss_weight=0.001", "model.moe.capacity_factor=0.5"]}
 CONFIGS = [("adamw", 0, 1), ("adamw", 0, 2), ("adamw", 1, 1), ("adamw", 1, 2), ("adamw", 2, 1), ("adamw", 2, 2),
            ("lamb", 1, 2), ("lamb", 2, 2), ("adamw+bpr", 2, 2), ("adamw+expert_choice+z_loss", 2, 2)]
 # negative control -> (optimizer, ZeRO stage, ep_size) where it bites
@@ -157,9 +158,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--only", nargs="+", default=None, choices=list(OPTIM), metavar="OPTIM",
+                    help=f"only the rows of these optimizer (+ router) keys, no controls ({', '.join(OPTIM)})")
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="equivalence-"))
-    result = run_table(work, args.steps)
+    if args.only:
+        result = run_table(work, args.steps, [c for c in CONFIGS if c[0] in args.only], {}, full_batch=False)
+    else:
+        result = run_table(work, args.steps)
     print(markdown(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
