@@ -251,3 +251,30 @@ def test_scaling_sweep_point_two_ranks(tmp_path):
         assert prof["d00"]["a2a/fwd"] > 0 and prof["d01"]["a2a/bwd"] > 0
         # the process group's own records: the MoE's all-to-alls and ZeRO's gradient reductions
         assert rank["collectives"]["all_to_all"] > 0 and rank["collectives"]["all_reduce"] > 0
+
+
+@pytest.mark.slow
+def test_paper_table_trains_each_model_once_per_seed_resumes_and_tabulates(tmp_path):
+    # 2 optimizer steps per run (the real recipes otherwise): the grid, the resume and the table
+    out = tmp_path / "table"
+    base = [sys.executable, "bench/paper_table.py"]
+    grid = ["--data", "digits", "--archs", "widenet", "vit", "--seeds", "0"]
+    res = subprocess.run([*base, "run", *grid, "--out", str(out), "--jobs", "2", "schedule.max_steps=2"],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "2 runs to do" in res.stdout
+    for arch in ("widenet", "vit"):
+        assert json.loads((out / "digits" / arch / "seed0" / "final.json").read_text())["step"] == 2
+    again = subprocess.run([*base, "run", *grid, "--out", str(out), "schedule.max_steps=2"], cwd=ROOT, env=child_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 runs to do" in again.stdout  # finished runs are not run again
+    table = subprocess.run([*base, "table", *grid, "--out", str(out), "--json", str(tmp_path / "t.json")], cwd=ROOT,
+                           env=child_env(), capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = {r["arch"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert rows["widenet"]["params"] == 337_546 and rows["vit"]["params"] > 2 * rows["widenet"]["params"]
+    assert rows["widenet"]["test_images"] == 360 and len(rows["vit"]["top1"]) == 1
+    assert "| digits (360) | widenet-digits | 0.34M |" in table.stdout
+    bad = subprocess.run([*base, "run", "--data", "cifar10"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
