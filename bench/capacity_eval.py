@@ -1,8 +1,9 @@
 """Top-1 against the evaluation capacity factor, with and without Batch Prioritized Routing, as
 V-MoE reports it: each trained model (an export) evaluated on its test split at every factor,
-once with the paper's router (tokens take capacity in token order) and once with BPR (in the order
-of their top gate value, so the tokens the router is least sure of are the ones dropped). The
-weights are the same; only the order in which tokens take capacity changes.
+once with the paper's router (tokens take capacity in token order), once with BPR (in the order
+of their top gate value, so the tokens the router is least sure of are the ones dropped) and once
+with expert choice (each expert takes the tokens it scores highest, up to the same capacity). The
+weights are the same; only which tokens take the experts' capacity changes.
 
     python bench/capacity_eval.py --export digits=runs/digits/model.safetensors \\
         --export mnist5k=runs/mnist5k/model.safetensors --factors 0.5 1.0 1.5 2.0 \\
@@ -21,7 +22,8 @@ from bench import common  # noqa: E402
 from ds_widenet.config import ConfigError, DataConfig  # noqa: E402
 from ds_widenet.evaluate import evaluate_exported  # noqa: E402
 
-ROUTERS = ("paper", "bpr")
+ROUTERS = ("paper", "bpr", "expert_choice")
+LABELS = {"paper": "paper (token order)", "bpr": "BPR", "expert_choice": "expert choice"}
 
 
 def sweep(exports: dict[str, Path], factors: Sequence[float], log: Any = print) -> dict[str, Any]:
@@ -41,13 +43,14 @@ def sweep(exports: dict[str, Path], factors: Sequence[float], log: Any = print) 
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = ["| data | capacity factor | top-1 paper | top-1 BPR | dropped paper | dropped BPR |", "|---|---|---|---|---|---|"]
+    lines = ["| data | capacity factor | top-1 paper | top-1 BPR | top-1 expert choice | dropped paper | dropped BPR "
+             "| no expert (expert choice) |", "|---|---|---|---|---|---|---|---|"]
     for data, r in res.items():
         by = {(row["capacity_factor"], row["router"]): row for row in r["rows"]}
         for cf in sorted({row["capacity_factor"] for row in r["rows"]}):
-            p, b = by[(cf, "paper")], by[(cf, "bpr")]
-            lines.append(f"| {data} | {cf:g} | {100 * p['top1']:.2f}% | {100 * b['top1']:.2f}% | "
-                         f"{100 * p['drop_rate']:.1f}% | {100 * b['drop_rate']:.1f}% |")
+            p, b, e = by[(cf, "paper")], by[(cf, "bpr")], by[(cf, "expert_choice")]
+            lines.append(f"| {data} | {cf:g} | {100 * p['top1']:.2f}% | {100 * b['top1']:.2f}% | {100 * e['top1']:.2f}% | "
+                         f"{100 * p['drop_rate']:.1f}% | {100 * b['drop_rate']:.1f}% | {100 * e['drop_rate']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -56,10 +59,9 @@ def plot(res: dict[str, Any], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 4), squeeze=False)
     for ax, (data, r) in zip(axes[0], res.items()):
-        for router, style in zip(ROUTERS, ("o-", "s--")):
+        for router, style in zip(ROUTERS, ("o-", "s--", "^:")):
             rows = sorted((x for x in r["rows"] if x["router"] == router), key=lambda x: x["capacity_factor"])
-            ax.plot([x["capacity_factor"] for x in rows], [100 * x["top1"] for x in rows], style,
-                    label="BPR" if router == "bpr" else "paper (token order)")
+            ax.plot([x["capacity_factor"] for x in rows], [100 * x["top1"] for x in rows], style, label=LABELS[router])
         ax.set_xlabel("evaluation capacity factor")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{data}: {Path(r['weights']).name}", fontsize=9)

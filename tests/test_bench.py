@@ -278,3 +278,29 @@ def test_paper_table_trains_each_model_once_per_seed_resumes_and_tabulates(tmp_p
     bad = subprocess.run([*base, "run", "--data", "cifar10"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_capacity_eval_sweeps_an_export_with_each_router(tmp_path):
+    from ds_widenet.export import save_export
+    from ds_widenet.models import build_model
+
+    cfg = common.model_config("widenet-digits", ["model.depth=2", "model.embed_dim=16", "model.num_heads=2",
+                                                 "model.moe.expert_dim=16"])
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():  # random weights everywhere, so routing is uneven and capacity bites
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    export = save_export(model.state_dict(), cfg, tmp_path / "m.safetensors")
+    out = tmp_path / "c.json"
+    res = subprocess.run([sys.executable, "bench/capacity_eval.py", "--export", f"digits={export}", "--factors", "0.25",
+                          "2.0", "--json", str(out), "--plot", str(tmp_path / "c.png")], cwd=ROOT, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {(r["capacity_factor"], r["router"]): r for r in json.loads(out.read_text())["results"]["digits"]["rows"]}
+    assert set(rows) == {(cf, r) for cf in (0.25, 2.0) for r in ("paper", "bpr", "expert_choice")}
+    assert all(r["images"] == 360 for r in rows.values())
+    # at factor 2 with k 2 no expert can overflow: token order and priority order keep every route
+    assert rows[(2.0, "paper")]["top1"] == rows[(2.0, "bpr")]["top1"] and rows[(2.0, "paper")]["drop_rate"] == 0.0
+    assert rows[(0.25, "paper")]["drop_rate"] > 0.5 and rows[(0.25, "expert_choice")]["drop_rate"] > 0.0
+    assert "| digits | 0.25 |" in res.stdout and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
