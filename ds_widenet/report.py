@@ -142,13 +142,13 @@ def _grid(rows: Any) -> Any:
 def _diversity_panels(axes: Any, rec: dict[str, Any], title: str) -> tuple[Any, Any]:
     """Two heatmaps from one evaluation record: expert share per depth ([depth, E], share of that
     depth's routes) and the route-change matrix ([depth, depth]: tokens whose chosen experts differ)."""
+    import numpy as np
+
     share, change = _grid(rec["eval_expert_share_per_depth"]), _grid(rec["eval_route_change_matrix"])
     depth, experts = share.shape
     a = axes[0].imshow(share, cmap="viridis", vmin=0.0, vmax=max(2.0 / experts, float(share.max())), aspect="auto")
     axes[0].set(title=f"{title}\nexpert share per depth", xlabel="expert", ylabel="depth",
                 xticks=range(experts), yticks=range(depth))
-    import numpy as np
-
     for d, e in zip(*np.nonzero(~np.ma.getmaskarray(share))):
         axes[0].text(e, d, f"{share[d, e]:.2f}", ha="center", va="center", fontsize=7, color="white")
     b = axes[1].imshow(change, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
