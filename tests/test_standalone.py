@@ -32,6 +32,7 @@ CASES = {
     "expert_choice": tiny(router="expert_choice"),
     "vit_moe_expert_choice_k1": tiny("vit_moe", router="expert_choice", k=1),
     "z_loss": tiny(z_loss_weight=1e-3),
+    "deepspeed_k2_z_loss": tiny(router="deepspeed", z_loss_weight=1e-3),
     "vit": tiny("vit", pool="cls", pre_logits=True),
     "vit_moe": tiny("vit_moe", pool="cls"),
     "deepspeed_k1": tiny(router="deepspeed", k=1),
