@@ -174,8 +174,15 @@ class DataConfig:
     num_workers: int = 0
     eval_batch_size: int = 0  # per rank; 0 -> the train micro batch
     synthetic_size: int = 4096
+    # > 0: this many training images (stratified by class, a fixed split) are held out, not trained
+    # on, and evaluated instead of the test split: choose settings on them, never on the test set.
+    holdout: int = 0
 
     def __post_init__(self) -> None:
+        if self.holdout < 0:
+            raise ConfigError(f"data.holdout={self.holdout} must be >= 0 (0: evaluate on the test split)")
+        if self.holdout and self.name == "synthetic":
+            raise ConfigError("data.holdout needs a real data set's labels: synthetic data has its own test split")
         if self.name not in ("digits", "mnist5k", "imagefolder", "cifar10", "cifar100", "synthetic"):
             raise ConfigError(f"data.name={self.name!r}: use digits, mnist5k, imagefolder, cifar10, cifar100 or synthetic")
         if self.augment not in ("none", "digits", "cifar", "imagenet"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scipy.special import gammaincinv
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -286,7 +286,8 @@ def _imagefolder(data: DataConfig, img_size: int) -> _Sources:
 
 
 def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[KeyedDataset, KeyedDataset]:
-    """(train, test) keyed datasets at model.img_size; test is never augmented.
+    """(train, test) keyed datasets at model.img_size; test is never augmented. With data.holdout the
+    second one is the held-out part of the training split instead (see holdout_split).
 
     Raises ConfigError when files are missing, when data.augment does not suit the data set, or
     when model.in_chans / model.num_classes do not match the data (synthetic data follows the
@@ -313,8 +314,29 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Key
     if model.num_classes != src.num_classes:
         raise ConfigError(f"data.name={data.name} has {src.num_classes} classes but "
                           f"model.num_classes={model.num_classes}: set model.num_classes={src.num_classes}")
-    return (KeyedDataset(src.train, src.train_transform, seed, src.num_classes),
-            KeyedDataset(src.test, src.test_transform, seed, src.num_classes))
+    train, test = src.train, src.test
+    if data.holdout:
+        train, test = holdout_split(src.train, data.holdout, src.num_classes, data.name)
+    return (KeyedDataset(train, src.train_transform, seed, src.num_classes),
+            KeyedDataset(test, src.test_transform, seed, src.num_classes))
+
+
+def _labels(ds: Dataset) -> list[int]:
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].tolist()
+    return list(ds.targets)  # torchvision's ImageFolder and CIFAR
+
+
+def holdout_split(train: Dataset, n: int, num_classes: int, name: str) -> tuple[Subset, Subset]:
+    """(the training images minus `n` held out, those `n`): a stratified split of the training set,
+    fixed (random_state 0, as the digits / mnist5k test splits), both in index order. The held-out
+    part is evaluated with the test transform; the test split is not read."""
+    labels = _labels(train)
+    if not num_classes <= n <= len(labels) - num_classes:
+        raise ConfigError(f"data.holdout={n}: hold out between {num_classes} (one image per class) and "
+                          f"{len(labels) - num_classes} of the {len(labels)} {name} training images")
+    keep, held = train_test_split(np.arange(len(labels)), test_size=n, stratify=labels, random_state=0)
+    return Subset(train, sorted(keep.tolist())), Subset(train, sorted(held.tolist()))
 
 
 # --------------------------------------------------------------------------------------------

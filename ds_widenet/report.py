@@ -258,8 +258,9 @@ def summary_markdown(run: Path, parts: dict[str, list[dict[str, Any]]], recipe: 
     table = [("last logged train loss", f"{_fmt(train[-1].get('loss'))} (step {train[-1]['step']})" if train else "-")]
     if evals:
         best = max(evals, key=lambda r: _num(r.get("top1")) if not math.isnan(_num(r.get("top1"))) else -1)
-        table += [("best test top-1", f"{_fmt(best.get('top1'), pct=True)} (step {best['step']})"),
-                  ("last test top-1", f"{_fmt(evals[-1].get('top1'), pct=True)} (step {evals[-1]['step']})")]
+        split = "held-out" if (recipe or {}).get("data", {}).get("holdout") else "test"  # data.holdout runs
+        table += [(f"best {split} top-1", f"{_fmt(best.get('top1'), pct=True)} (step {best['step']})"),
+                  (f"last {split} top-1", f"{_fmt(evals[-1].get('top1'), pct=True)} (step {evals[-1]['step']})")]
     if train and "images_per_sec" in train[-1]:
         table.append(("throughput (last window)", f"{_num(train[-1]['images_per_sec']):.1f} images/s"))
     if train and "skipped_steps" in train[-1]:

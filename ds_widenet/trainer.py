@@ -518,6 +518,8 @@ class Trainer:
             self.engine.train()
         self.final = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), **result,
                       "train_seconds": round(time.time() - self.train_start, 1)}
+        if self.recipe.data.holdout:  # top1 is on held-out training images, not on the test split
+            self.final["eval_split"] = f"holdout of {self.recipe.data.holdout} training images"
         self.log.write(self.final, prefix="Eval")
         return result
 

@@ -463,3 +463,37 @@ def test_loader_workers_end_when_their_trainer_is_killed(tmp_path):
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     assert not any(process_alive(p, settle_s=5) for p in workers)
+
+
+# --------------------------------------------------------------------------------------------
+# data.holdout: a validation split of the training set
+
+
+def test_holdout_takes_a_fixed_stratified_part_of_the_training_split_and_never_the_test_split():
+    cfg = _preset("widenet-digits")
+    train, test = build_datasets(DataConfig(name="digits", augment="digits"), cfg, seed=0)
+    h_train, held = build_datasets(DataConfig(name="digits", augment="digits", holdout=200), cfg, seed=0)
+    assert len(h_train) == len(train) - 200 and len(held) == 200
+    kept, out = h_train.base.indices, held.base.indices
+    assert sorted(kept + out) == list(range(len(train)))  # disjoint and complete: the training split only
+    labels = train.base.tensors[1]
+    assert Counter(labels[out].tolist()) == {c: pytest.approx(20, abs=1) for c in range(10)}  # stratified
+    again = build_datasets(DataConfig(name="digits", augment="digits", holdout=200), cfg, seed=5)[1]
+    assert again.base.indices == out  # fixed: not the run's seed
+    # the held-out images are evaluated as test images are: the training images, un-augmented
+    img, label, idx = held[(0, 3)]
+    ref_img, ref_label, _ = train[(0, out[3])]
+    assert label == ref_label and idx == 3
+    assert torch.equal(img, test.transform(train.base[out[3]][0]))
+
+
+@pytest.mark.parametrize("n", [-1, 5, 1437])
+def test_a_holdout_that_cannot_be_stratified_is_refused(n):
+    with pytest.raises(ConfigError, match="data.holdout"):
+        build_datasets(DataConfig(name="digits", augment="none", holdout=n), _preset("widenet-digits"), seed=0)
+
+
+def _preset(name: str) -> ModelConfig:
+    from ds_widenet.models.presets import get_preset
+
+    return get_preset(name)
