@@ -2,8 +2,9 @@
 V-MoE reports it: each trained model (an export) evaluated on its test split at every factor,
 once with the paper's router (tokens take capacity in token order), once with BPR (in the order
 of their top gate value, so the tokens the router is least sure of are the ones dropped) and once
-with expert choice (each expert takes the tokens it scores highest, up to the same capacity). The
-weights are the same; only which tokens take the experts' capacity changes.
+with expert choice (each expert takes the tokens it scores highest, up to the same capacity; not at
+factors where k * factor >= E, where every expert would take every token). The weights are the same;
+only which tokens take the experts' capacity changes.
 
     python bench/capacity_eval.py --export digits=runs/digits/model.safetensors \\
         --export mnist5k=runs/mnist5k/model.safetensors --factors 0.5 1.0 1.5 2.0 \\
@@ -28,11 +29,16 @@ LABELS = {"paper": "paper (token order)", "bpr": "BPR", "expert_choice": "expert
 
 def sweep(exports: dict[str, Path], factors: Sequence[float], log: Any = print) -> dict[str, Any]:
     """{data set: {"weights": path, "rows": [{"capacity_factor", "router", "top1", "drop_rate"}]}}."""
+    from ds_widenet.export import read_export_info
+
     out: dict[str, Any] = {}
     for data, weights in exports.items():
+        moe = read_export_info(weights)["model"].get("moe") or {}
         rows = []
         for cf in factors:
             for router in ROUTERS:
+                if router == "expert_choice" and moe.get("k", 2) * cf >= moe.get("num_experts", 4):
+                    continue  # every expert would take every token: no choice (MoEConfig refuses it)
                 r = evaluate_exported(weights, DataConfig(name=data, augment="none"), "cpu", 128, cf, "fp32", router)
                 drops = r.get("drop_rate_per_depth", [])
                 rows.append({"capacity_factor": cf, "router": router, "top1": r["top1"], "images": r["images"],
@@ -48,9 +54,10 @@ def markdown(res: dict[str, Any]) -> str:
     for data, r in res.items():
         by = {(row["capacity_factor"], row["router"]): row for row in r["rows"]}
         for cf in sorted({row["capacity_factor"] for row in r["rows"]}):
-            p, b, e = by[(cf, "paper")], by[(cf, "bpr")], by[(cf, "expert_choice")]
-            lines.append(f"| {data} | {cf:g} | {100 * p['top1']:.2f}% | {100 * b['top1']:.2f}% | {100 * e['top1']:.2f}% | "
-                         f"{100 * p['drop_rate']:.1f}% | {100 * b['drop_rate']:.1f}% | {100 * e['drop_rate']:.1f}% |")
+            p, b, e = by[(cf, "paper")], by[(cf, "bpr")], by.get((cf, "expert_choice"))
+            e_top1, e_drop = (f"{100 * e['top1']:.2f}%", f"{100 * e['drop_rate']:.1f}%") if e else ("-", "-")
+            lines.append(f"| {data} | {cf:g} | {100 * p['top1']:.2f}% | {100 * b['top1']:.2f}% | {e_top1} | "
+                         f"{100 * p['drop_rate']:.1f}% | {100 * b['drop_rate']:.1f}% | {e_drop} |")
     return "\n".join(lines)
 
 

@@ -28,11 +28,12 @@ RECIPE = ROOT / "ds_configs" / "digits_widenet.yaml"
 CLIP = 0.1
 # optimizer (+ router where not the paper's) -> overrides
 # (expert choice is run with ST-MoE's router z-loss on: one row for both; at capacity factor 0.5, where
-# E*C = S slots leave some tokens to no expert: at 1.0 with k 2 every token is taken)
+# E*C = S slots leave some tokens to no expert: at 1.0 with k 2 every token was taken in our run)
 OPTIM = {"adamw": ["optim.lr=0.003"], "lamb": ["optim.name=lamb", "optim.lr=0.01"],
          "adamw+bpr": ["optim.lr=0.003", "model.moe.router=bpr"],
          "adamw+expert_choice+z_loss": ["optim.lr=0.003", "model.moe.router=expert_choice",
-                                        "model.moe.z_loss_weight=0.001", "model.moe.capacity_factor=0.5"]}
+                                        "model.moe.z_loss_weight=0.001", "model.moe.capacity_factor=0.5",
+                                        "model.moe.eval_capacity_factor=0.5"]}
 CONFIGS = [("adamw", 0, 1), ("adamw", 0, 2), ("adamw", 1, 1), ("adamw", 1, 2), ("adamw", 2, 1), ("adamw", 2, 2),
            ("lamb", 1, 2), ("lamb", 2, 2), ("adamw+bpr", 2, 2), ("adamw+expert_choice+z_loss", 2, 2)]
 # negative control -> (optimizer, ZeRO stage, ep_size) where it bites

@@ -12,8 +12,10 @@ recipes `ds_configs/{data}_{arch}.yaml` (the baselines mirror the WideNet recipe
 same epochs, schedule, augmentation, optimizer; `tests/test_configs.py`) and `ds_configs/cpu_fp32.json`,
 one thread per run, `--jobs` runs at a time, into `OUT/{data}/{arch}/seed{s}` (stdout in `seed{s}.log`
 beside it). A run whose `final.json` exists is not run again, so an interrupted table continues where it
-stopped; an unfinished run directory is started over (`--overwrite`). Every score is the test top-1
-after the last epoch: no epoch or setting is picked on the test split.
+stopped: an unfinished run continues from its last complete checkpoint (`--resume auto`; one without
+any is started over), and a finished run made with other settings (recipe or overrides) is refused
+rather than tabulated. Every score is the test top-1 after the last epoch: no epoch or setting is
+picked on the test split.
 
 `speed` times a training step (forward, backward, AdamW; bench/common.PlainTrainer, synthetic images)
 of the three models side by side in interleaved rounds (one process, `--threads`), per data set's
@@ -67,15 +69,26 @@ def run_all(data: Sequence[str], archs: Sequence[str], seeds: Sequence[int], out
             if not recipe_path(d, a).is_file():
                 raise common.ConfigError(f"no recipe {recipe_path(d, a)}: --data takes {', '.join(DATA)}, "
                                          f"--archs {', '.join(ARCHS)}")
-    todo = [(d, a, s) for d in data for a in archs for s in seeds
-            if not (run_dir(out, d, a, s) / "final.json").is_file()]
+    todo = []
+    for d in data:
+        for a in archs:
+            for s in seeds:
+                rd = run_dir(out, d, a, s)
+                if not (rd / "final.json").is_file():
+                    todo.append((d, a, s))
+                elif _recipe_of(rd) != _recipe_for(d, a, s, extra):  # a finished run of other settings
+                    raise common.ConfigError(f"{rd} finished with other settings than recipe {recipe_path(d, a).name} "
+                                             f"with {' '.join([f'seed={s}', *extra]) or 'no overrides'}: "
+                                             "give the table another --out")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
     def one(job: tuple[str, str, int]) -> dict[str, Any]:
         d, a, s = job
         rd = run_dir(out, d, a, s)
         rd.parent.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(d, a, s, out, extra) + (["--overwrite"] if rd.exists() else [])
+        # an unfinished run continues from its last complete checkpoint (or starts over without one)
+        cmd = train_command(d, a, s, out, extra) + (["--resume", "auto"] if _has_checkpoint(rd) else
+                                                    ["--overwrite"] if rd.exists() else [])
         t0 = time.time()
         with open(rd.parent / f"seed{s}.log", "w") as f:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -86,6 +99,27 @@ def run_all(data: Sequence[str], archs: Sequence[str], seeds: Sequence[int], out
     log(f"{len(todo)} runs to do ({jobs} at a time, {threads} thread(s) each) under {out}")
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, todo))
+
+
+def _recipe_for(data: str, arch: str, seed: int, extra: Sequence[str]) -> dict[str, Any]:
+    from ds_widenet.config import load_recipe
+
+    return load_recipe(recipe_path(data, arch), [f"seed={seed}", "train.progress_bar=off", *extra]).to_dict()
+
+
+def _recipe_of(rd: Path) -> Optional[dict[str, Any]]:
+    """The run's resolved recipe, read back through the current dataclasses (a key added since the
+    run was made takes its default)."""
+    from ds_widenet.config import ConfigError, recipe_from_dict
+
+    try:
+        return recipe_from_dict(json.loads((rd / "recipe.json").read_text())).to_dict()
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def _has_checkpoint(rd: Path) -> bool:
+    return any((c / "complete").is_file() for c in (rd / "checkpoints").glob("step*"))
 
 
 def speed(data: Sequence[str], archs: Sequence[str], batch: int = 64, rounds: int = 8, warmup: int = 2,
@@ -124,7 +158,7 @@ def collect(out: Path, data: Sequence[str], archs: Sequence[str], seeds: Sequenc
     for d in data:
         for a in archs:
             recipe = load_recipe(recipe_path(d, a))
-            top1, correct, images, epochs, missing = [], [], 0, 0.0, []
+            top1, correct, images, epochs, missing, split = [], [], 0, 0.0, [], None
             for s in seeds:
                 f = run_dir(out, d, a, s) / "final.json"
                 if not f.is_file():
@@ -132,27 +166,31 @@ def collect(out: Path, data: Sequence[str], archs: Sequence[str], seeds: Sequenc
                     continue
                 final = json.loads(f.read_text())
                 top1.append(final["top1"])
-                images = final["eval_images"]
+                images, split = final["eval_images"], final.get("eval_split")
                 correct.append(round(final["top1"] * images))
                 epochs = max(epochs, final["epoch"])
             rows.append({"data": d, "arch": a, "preset": recipe.model.preset,
                          "params": count_params(build_model(recipe.model)), "epochs": epochs,
                          "seeds": [s for s in seeds if s not in missing], "top1": top1, "correct": correct,
-                         "test_images": images, "missing_seeds": missing,
+                         "test_images": images, "eval_split": split, "missing_seeds": missing,
                          "mean": statistics.mean(top1) if top1 else None, "worst": min(top1) if top1 else None})
     return {"out": str(out), "rows": rows}
 
 
 def markdown(table: dict[str, Any], speeds: Optional[dict[str, Any]] = None) -> str:
-    lines = ["| data (test images) | model | params | epochs | top-1 per seed | mean | worst | images/s (vs WideNet) |",
+    lines = ["| data (evaluated images) | model | params | epochs | top-1 per seed | mean | worst | images/s (x WideNet's) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         per_seed = ", ".join(f"{100 * t:.2f}" for t in r["top1"]) or "-"
         sp = (speeds or {}).get(r["data"], {}).get(r["arch"])
-        ips = f"{sp['images_per_sec']:.0f} ({1 / sp['ratio_to_widenet']:.2f}x)" if sp and sp.get("ratio_to_widenet") else "-"
+        if sp:
+            ratio = sp.get("ratio_to_widenet")
+            ips = f"{sp['images_per_sec']:.0f}" + (f" ({ratio:.2f}x)" if ratio else "")
+        else:
+            ips = "-"
         mean = f"{100 * r['mean']:.2f}%" if r["mean"] is not None else "-"
         worst = f"{100 * r['worst']:.2f}%" if r["worst"] is not None else "-"
-        lines.append(f"| {r['data']} ({r['test_images']}) | {r['preset']} | {r['params'] / 1e6:.2f}M | {r['epochs']:.3g} | "
+        lines.append(f"| {r['data']} ({r['test_images']}{' held out' if r.get('eval_split') else ''}) | {r['preset']} | {r['params'] / 1e6:.2f}M | {r['epochs']:.3g} | "
                      f"{per_seed} | {mean} | {worst} | {ips} |")
     return "\n".join(lines)
 

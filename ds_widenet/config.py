@@ -79,8 +79,16 @@ class MoEConfig:
         if self.router == "expert_choice" and not self.drop_tokens:
             raise ConfigError("model.moe.router=expert_choice gives every expert a fixed capacity: "
                               "set model.moe.drop_tokens=true (or use router paper)")
-        if self.z_loss_weight < 0 or self.aux_loss_weight < 0:
-            raise ConfigError("model.moe.aux_loss_weight and model.moe.z_loss_weight must be >= 0")
+        if self.router == "expert_choice":
+            for name, cf in (("capacity_factor", self.capacity_factor), ("eval_capacity_factor", self.eval_capacity_factor)):
+                if self.k * cf >= self.num_experts:  # C = ceil(k*S/E*cf) >= S: no choice left to make
+                    raise ConfigError(
+                        f"model.moe.{name}={cf:g} with router=expert_choice gives each of the {self.num_experts} experts "
+                        f"every token (k*cf >= E): set model.moe.{name} below {self.num_experts / self.k:g} "
+                        f"(e.g. {min(self.capacity_factor, self.num_experts / self.k / 2):g}, as in training)")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.moe.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ConfigError("model.moe capacity factors must be > 0")
 
@@ -182,7 +190,8 @@ class DataConfig:
         if self.holdout < 0:
             raise ConfigError(f"data.holdout={self.holdout} must be >= 0 (0: evaluate on the test split)")
         if self.holdout and self.name == "synthetic":
-            raise ConfigError("data.holdout needs a real data set's labels: synthetic data has its own test split")
+            raise ConfigError("data.holdout needs a real data set's labels: set data.holdout=0 with data.name=synthetic "
+                              "(its test split is synthetic too)")
         if self.name not in ("digits", "mnist5k", "imagefolder", "cifar10", "cifar100", "synthetic"):
             raise ConfigError(f"data.name={self.name!r}: use digits, mnist5k, imagefolder, cifar10, cifar100 or synthetic")
         if self.augment not in ("none", "digits", "cifar", "imagenet"):

@@ -335,6 +335,10 @@ def holdout_split(train: Dataset, n: int, num_classes: int, name: str) -> tuple[
     if not num_classes <= n <= len(labels) - num_classes:
         raise ConfigError(f"data.holdout={n}: hold out between {num_classes} (one image per class) and "
                           f"{len(labels) - num_classes} of the {len(labels)} {name} training images")
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    if counts.min() < 2:  # sklearn's stratified split needs two of each
+        raise ConfigError(f"data.holdout needs at least 2 training images of every class; class {int(counts.argmin())} "
+                          f"has {int(counts.min())}: add images or set data.holdout=0")
     keep, held = train_test_split(np.arange(len(labels)), test_size=n, stratify=labels, random_state=0)
     return Subset(train, sorted(keep.tolist())), Subset(train, sorted(held.tolist()))
 

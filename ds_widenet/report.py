@@ -367,8 +367,8 @@ def compare_runs(runs: Sequence[Path], out: Path) -> Path:
         evals = split_metrics(read_metrics(metrics))["eval"]
         rec = _last_eval_with(evals, "eval_expert_share_per_depth", "eval_route_change_matrix")
         if rec is None:
-            raise ReportError(f"{run} has no evaluation with per-depth routing yet (an MoE run evaluates once per "
-                              "epoch by default)")
+            raise ReportError(f"{run} has no evaluation with per-depth routing: a dense ViT, a run logged before "
+                              "eval_route_change_matrix existed, or no evaluation yet (compare MoE runs)")
         loaded.append((Path(run), _read_json(Path(run) / "recipe.json"), rec))
     rows = ["| run | routing | top-1 (step) | route change i -> i+1, mean | any two depths, mean | "
             "min expert share (depth) | dropped, mean |", "|---|---|---|---|---|---|---|"]
@@ -394,7 +394,8 @@ def compare_runs(runs: Sequence[Path], out: Path) -> Path:
         plt.close(fig)
         path = out / "compare.md"
         path.write_text("\n".join(["# Routing across depths, run by run", "",
-                                    "Each run's last evaluation on its test split: top-1; the fraction of test tokens "
+                                    "Each run's last evaluation (its test split, or held-out training images with "
+                                    "data.holdout): top-1; the fraction of evaluated tokens "
                                     "whose chosen experts change between consecutive depths and between any two depths; "
                                     "the smallest expert share of any depth; the dropped share.", "", *rows, "",
                                     "![depth diversity](depth_diversity.png)", ""]))

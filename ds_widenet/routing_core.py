@@ -132,7 +132,7 @@ def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_ca
     num_tokens, num_experts = logits.shape
     probs = F.softmax(logits, dim=1)
     capacity = min(num_tokens, max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity))
-    scores = probs.t().detach()  # [E, S]
+    scores = probs.t().detach().nan_to_num(nan=-1.0)  # [E, S]; a NaN would sort first
     if used_token is not None:
         used = used_token.reshape(1, -1).bool()
         scores = torch.where(used, scores, torch.full_like(scores, -1.0))  # padding sorts last

@@ -105,7 +105,8 @@ class RoutingAccumulator:
 
     def reduce(self) -> Optional[dict[str, Any]]:
         """All-reduce and summarise per depth: expert share, drop rate, aux loss, router entropy,
-        route change between consecutive depths, and the minimum overall expert share.
+        route change between consecutive depths (with route_change=True also `route_change_matrix`,
+        every pair of depths), and the minimum overall expert share.
         Every rank must call it (it is a collective when torch.distributed is up)."""
         if self.tokens is None:
             return None

@@ -8,7 +8,8 @@ Records in metrics.jsonl (one JSON object per line, rank 0 writes):
   (nats; ln(E) is a uniform router, 0 a collapsed one), plus `min_expert_share` (overall);
 * an evaluation: `top1`, `eval_loss`, ..., `eval_drop_rate`, `eval_router_entropy`, and
   `eval_route_change`: for each pair of consecutive depths (i, i+1), the fraction of tokens whose
-  chosen experts (the top-k set) differ between depth i and depth i+1, and `eval_route_change_matrix`
+  chosen experts (the top-k set; with expert choice the set of experts that took the token) differ
+  between depth i and depth i+1, and `eval_route_change_matrix`
   the same for every pair of depths ([depth][depth], symmetric, 0 on the diagonal);
 * a warning: `{"step": N, "warning": "..."}`; an event: `{"step": N, "event": "..."}`.
 

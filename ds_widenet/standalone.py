@@ -179,7 +179,8 @@ class MoE(nn.Module):
         return F.linear(x.float(), w.float())
 
     def routes(self, logits: Tensor, used_token: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(l_aux, expert ids [k, S] (-1 = not routed), gate values [k, S] (0 where not routed))."""
+        """(l_aux, expert ids [k, S] (-1 = not routed), gate values [k, S] (0 where not routed)); with
+        expert choice [E, S] each, row e for expert e (see routing_core.RoutingStats)."""
         c = self.cfg
         if c.expert_choice:
             l_aux, _, _, indices, _, gates, _ = expert_choice_routing(logits, c.k, c.eval_capacity_factor,

@@ -390,6 +390,8 @@ class Trainer:
                 break
         if self.step > self.start_step or self.plan.resume is None:
             self.save()
+        if not self.final:  # resumed at its last step: nothing trained, nothing evaluated yet
+            self.evaluate()
         if self.info.is_main:
             (self.plan.out / "final.json").write_text(json.dumps(self.final, indent=2))
         return self.final

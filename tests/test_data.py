@@ -487,6 +487,12 @@ def test_holdout_takes_a_fixed_stratified_part_of_the_training_split_and_never_t
     assert torch.equal(img, test.transform(train.base[out[3]][0]))
 
 
+@pytest.mark.parametrize("n", [10, 1427])
+def test_a_holdout_of_one_image_per_class_on_either_side_is_accepted(n):
+    train, held = build_datasets(DataConfig(name="digits", augment="none", holdout=n), _preset("widenet-digits"), seed=0)
+    assert len(held) == n and len(train) == 1437 - n
+
+
 @pytest.mark.parametrize("n", [-1, 5, 1437])
 def test_a_holdout_that_cannot_be_stratified_is_refused(n):
     with pytest.raises(ConfigError, match="data.holdout"):

@@ -317,9 +317,26 @@ def test_the_z_loss_is_computed_only_when_weighted_and_trains_the_router_logits_
     assert z_trained < 0.5 * z_plain and z_trained < before, (before, z_plain, z_trained)
 
 
+@pytest.mark.parametrize("router", ["paper", "deepspeed"])
+def test_the_z_loss_is_of_the_logits_before_the_noise_and_reaches_the_gate(router):
+    cfg = tiny(router=router, z_loss_weight=1e-3)
+    model = model_of(cfg)
+    x = images()
+    out = model.train()(x, step=3)  # router noise on (paper), Gumbel sampling (deepspeed)
+    with torch.no_grad():
+        ev = model.eval()(x)
+    # depth 0 sees the same input in both modes (deeper ones differ: other tokens dropped): the same
+    # logits, so the training noise does not enter the z-loss
+    assert torch.equal(out.routing[0].z_loss.detach(), ev.routing[0].z_loss)
+    torch.testing.assert_close(out.z_loss.detach(), sum(r.z_loss for r in out.routing).detach(), rtol=1e-6, atol=0)
+    out.z_loss.backward()
+    gate = next(p for n, p in model.named_parameters() if n.endswith("gate.wg.weight"))
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("arch", ["widenet", "vit_moe"])
 def test_expert_choice_fills_every_expert_to_capacity_and_trains_gate_and_experts(arch):
-    cfg = tiny(arch, router="expert_choice", capacity_factor=1.0)
+    cfg = tiny(arch, router="expert_choice", capacity_factor=1.0, eval_capacity_factor=1.0)
     model = model_of(cfg).train()
     out = model(images(4))
     cap = 4 * 16 * 2 // 4  # k * S / E at capacity factor 1

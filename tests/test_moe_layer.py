@@ -53,7 +53,8 @@ def test_pack_slots_orders_rows_expert_major_then_by_source_rank():
 
 
 def _layer(ep_cf: float = 1.2, experts: int = 4, router: str = "paper") -> MoEFFN:
-    cfg = MoEConfig(num_experts=experts, k=2, expert_dim=12, capacity_factor=ep_cf, min_capacity=1, router=router)
+    cfg = MoEConfig(num_experts=experts, k=2, expert_dim=12, capacity_factor=ep_cf, min_capacity=1, router=router,
+                    eval_capacity_factor=1.0 if router == "expert_choice" else 2.0)
     ffn = MoEFFN(8, cfg)
     ffn.init_experts(seed=3, ep_rank=0)
     with torch.no_grad():

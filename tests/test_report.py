@@ -128,4 +128,4 @@ def test_comparing_runs_needs_an_out_directory_and_evaluations(tmp_path, capsys)
     assert main([str(a), str(a)]) == 2
     assert "pass --out DIR" in capsys.readouterr().err
     assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
-    assert "has no evaluation with per-depth routing yet" in capsys.readouterr().err
+    assert "has no evaluation with per-depth routing" in capsys.readouterr().err

@@ -80,13 +80,23 @@ def test_bpr_padding_takes_no_capacity_and_gradients_reach_the_gate_values():
 
 def test_bpr_and_expert_choice_are_router_options_and_allow_the_per_depth_gate():
     assert MoEConfig(router="bpr", per_depth_gate=True).router == "bpr"
-    assert MoEConfig(router="expert_choice", per_depth_gate=True).expert_choice
+    assert MoEConfig(router="expert_choice", per_depth_gate=True, eval_capacity_factor=1.2).expert_choice
     with pytest.raises(ConfigError, match="paper, bpr, expert_choice, deepspeed"):
         MoEConfig(router="priority")
     with pytest.raises(ConfigError, match="drop_tokens=true"):
-        MoEConfig(router="expert_choice", drop_tokens=False)
-    with pytest.raises(ConfigError, match="z_loss_weight must be >= 0"):
+        MoEConfig(router="expert_choice", drop_tokens=False, eval_capacity_factor=1.2)
+    with pytest.raises(ConfigError, match="z_loss_weight=-0.001 must be >= 0"):
         MoEConfig(z_loss_weight=-1e-3)
+
+
+@pytest.mark.parametrize("field", ["capacity_factor", "eval_capacity_factor"])
+def test_expert_choice_refuses_a_capacity_that_gives_every_expert_every_token(field):
+    ok = {"capacity_factor": 1.2, "eval_capacity_factor": 1.2}
+    MoEConfig(router="expert_choice", **{**ok, field: 1.99})  # k * cf < E: still a choice
+    with pytest.raises(ConfigError, match=f"model.moe.{field}=2 with router=expert_choice gives each of the 4 "
+                                          f"experts every token .* set model.moe.{field} below 2"):
+        MoEConfig(router="expert_choice", **{**ok, field: 2.0})
+    assert MoEConfig(router="paper", **{**ok, field: 2.0}).eval_capacity_factor  # token choice: any factor
 
 
 # --------------------------------------------------------------------------------------------

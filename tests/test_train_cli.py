@@ -106,14 +106,17 @@ def test_short_digits_training_learns_and_keeps_every_expert_busy(tmp_path):
     assert (out / "checkpoints" / "step264" / "meta.json").exists()
 
 
-def test_a_holdout_run_evaluates_held_out_training_images_and_says_so(tmp_path):
+def test_a_holdout_run_evaluates_held_out_training_images_and_logs_the_z_loss(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", **DS_OK)
     out = tmp_path / "run"
-    run_train("python", 1, RECIPE, ds, out, ["schedule.max_steps=2", "data.holdout=100"], timeout=240)
+    run_train("python", 1, RECIPE, ds, out, ["schedule.max_steps=2", "data.holdout=100", "train.log_interval=1",
+                                             "model.moe.z_loss_weight=0.001"], timeout=240)
     final = json.loads((out / "final.json").read_text())
     assert final["eval_images"] == 100 and final["eval_split"] == "holdout of 100 training images"
     evals = metrics(out, "eval")
     assert evals and all(r["eval_images"] == 100 for r in evals)
+    # the router z-loss is logged with every log step (6 depths, each >= ln(4)^2 / 2 > 0.9)
+    assert [r["step"] for r in metrics(out)] == [1, 2] and all(r["z_loss"] > 5.0 for r in metrics(out))
 
 
 def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
