@@ -71,7 +71,7 @@ def plot(res: dict[str, Any], path: str) -> None:
             ax.plot([x["capacity_factor"] for x in rows], [100 * x["top1"] for x in rows], style, label=LABELS[router])
         ax.set_xlabel("evaluation capacity factor")
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title(f"{data}: {Path(r['weights']).name}", fontsize=9)
+        ax.set_title(f"{data}: {r['weights']}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     common.save_figure(fig, path)
