@@ -81,13 +81,14 @@ def run_all(data: Sequence[str], archs: Sequence[str], seeds: Sequence[int], out
                                              f"with {' '.join([f'seed={s}', *extra]) or 'no overrides'}: "
                                              "give the table another --out")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    from ds_widenet.checkpoint import complete_checkpoints
 
     def one(job: tuple[str, str, int]) -> dict[str, Any]:
         d, a, s = job
         rd = run_dir(out, d, a, s)
         rd.parent.mkdir(parents=True, exist_ok=True)
         # an unfinished run continues from its last complete checkpoint (or starts over without one)
-        cmd = train_command(d, a, s, out, extra) + (["--resume", "auto"] if _has_checkpoint(rd) else
+        cmd = train_command(d, a, s, out, extra) + (["--resume", "auto"] if complete_checkpoints(rd / "checkpoints") else
                                                     ["--overwrite"] if rd.exists() else [])
         t0 = time.time()
         with open(rd.parent / f"seed{s}.log", "w") as f:
@@ -118,10 +119,6 @@ def _recipe_of(rd: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def _has_checkpoint(rd: Path) -> bool:
-    return any((c / "complete").is_file() for c in (rd / "checkpoints").glob("step*"))
-
-
 def speed(data: Sequence[str], archs: Sequence[str], batch: int = 64, rounds: int = 8, warmup: int = 2,
           steps_per_round: int = 2, threads: Optional[int] = 1, log: Any = print) -> dict[str, Any]:
     """{data: {arch: {"images_per_sec", "step_ms", "ratio_to_widenet"}}}: interleaved rounds, medians."""
@@ -129,13 +126,11 @@ def speed(data: Sequence[str], archs: Sequence[str], batch: int = 64, rounds: in
     common.set_threads(threads)
     dev = torch.device("cpu")
     res: dict[str, Any] = {"machine": common.machine_info(dev), "batch": batch, "threads": threads}
-    for d in data:
-        trainers = {}
-        for a in archs:
-            from ds_widenet.config import load_recipe
+    from ds_widenet.config import load_recipe
 
-            cfg = load_recipe(recipe_path(d, a)).model
-            trainers[a] = common.PlainTrainer(cfg, batch, dev, torch.float32)
+    for d in data:
+        trainers = {a: common.PlainTrainer(load_recipe(recipe_path(d, a)).model, batch, dev, torch.float32)
+                    for a in archs}
         times: dict[str, list[float]] = {a: [] for a in archs}
         for r in range(warmup + rounds):
             for a, t in trainers.items():

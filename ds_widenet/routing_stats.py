@@ -18,23 +18,20 @@ def _r(v: float, nd: int = 4) -> Optional[float]:
     return round(float(v), nd) if math.isfinite(float(v)) else None
 
 
-def depth_pairs(depth: int, all_pairs: bool = False) -> list[tuple[int, int]]:
-    """(i, i+1) for consecutive depths, or every (i, j) with i < j (row-major)."""
-    if all_pairs:
-        return [(i, j) for i in range(depth) for j in range(i + 1, depth)]
-    return [(i, i + 1) for i in range(depth - 1)]
+def depth_pairs(depth: int) -> list[tuple[int, int]]:
+    """Every pair of depths (i, j), i < j, row-major: (0, 1), (0, 2), ..., (1, 2), ..."""
+    return [(i, j) for i in range(depth) for j in range(i + 1, depth)]
 
 
-def route_changes(routing: Sequence[RoutingStats], all_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the depth pairs of `depth_pairs` (consecutive (i, i+1) by default, every i < j with
-    `all_pairs`): (tokens whose top-k expert set changed, tokens compared), one entry per pair, on the
-    routes' device.
+def route_changes(routing: Sequence[RoutingStats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pair of depths (depth_pairs): (tokens whose top-k expert set changed, tokens
+    compared), one entry per pair, on the routes' device.
 
     A token is compared when all its k routes were kept at both depths: a dropped route (-1, also
     the padding mark) says nothing about which expert the router chose, so such tokens are left out.
     With expert choice (rows indexed by expert, see RoutingStats) a token is compared when some
     expert took it at both depths, and it changed when the set of experts that took it differs."""
-    pairs = depth_pairs(len(routing), all_pairs)
+    pairs = depth_pairs(len(routing))
     if not pairs:
         return torch.zeros(0), torch.zeros(0)
     # per depth once: the chosen set in a canonical order, and which tokens count
@@ -66,7 +63,8 @@ class RoutingAccumulator:
         self.entropy: Optional[torch.Tensor] = None  # [depth] sum of mean entropies x used tokens
         self.weight: Optional[torch.Tensor] = None  # [depth] used tokens
         self.aux: Optional[torch.Tensor] = None  # [depth] sum of per-call aux losses
-        # per depth pair (depth_pairs(depth, all_pairs=route_change)): tokens whose top-k set changed, compared
+        # per depth pair (depth_pairs; zeros for consecutive pairs without route_change): tokens whose
+        # top-k set changed, tokens compared
         self.changed: Optional[torch.Tensor] = None
         self.compared: Optional[torch.Tensor] = None
         self.calls = 0
@@ -79,7 +77,7 @@ class RoutingAccumulator:
         one, nan = torch.ones((), device=dev), torch.full((), float("nan"), device=dev)
         w = torch.stack([r.num_tokens.float() if r.num_tokens is not None else one for r in routing])
         if self.track_changes:
-            changed, compared = route_changes(routing, all_pairs=True)
+            changed, compared = route_changes(routing)
         else:
             changed = compared = torch.zeros(max(d - 1, 0), device=dev)
         parts = [torch.stack([r.expert_tokens.float() for r in routing]).flatten(),
@@ -127,7 +125,7 @@ class RoutingAccumulator:
         matrix = None
         if self.track_changes:  # every pair i < j: the consecutive ones are route_change
             m = torch.zeros(depth, depth, dtype=change.dtype)
-            for v, (i, j) in zip(change.tolist(), depth_pairs(depth, all_pairs=True)):
+            for v, (i, j) in zip(change.tolist(), depth_pairs(depth)):
                 m[i, j] = m[j, i] = v
             matrix = m
             change = torch.stack([m[i, i + 1] for i in range(depth - 1)]) if depth > 1 else change[:0]
