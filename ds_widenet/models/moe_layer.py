@@ -30,7 +30,8 @@ import torch
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from .. import deepspeed_internals as dsi
 from ..routing_core import RouteKey
@@ -38,13 +39,10 @@ from .routing import Routes
 
 
 # --------------------------------------------------------------------------------------------
-# The grouped matmuls as custom ops: torch._grouped_mm computes float32 on the CPU, but its meta
-# function (what torch.compile traces with) accepts bf16/fp16 only, so it is wrapped with its own
-# shape function and backward; compiled graphs then hold it as one opaque op (no graph break).
-# `grouped_linear` takes the experts' weights as a list and stacks them inside the op, so the
-# [G, out, in] copy is transient: autograd saves the parameters themselves, not a copy per call
-# (WideNet calls its one MoE layer at every depth: a saved stack would cost the expert weights
-# once per depth in activation memory).
+# The grouped matmuls as custom ops for torch.compile: torch._grouped_mm computes float32 on the CPU,
+# but its meta function (what torch.compile traces with) accepts bf16/fp16 only, so traced code calls
+# it through these ops with their own shape functions; compiled graphs then hold one opaque op per
+# matmul (no graph break). Eager code calls torch._grouped_mm directly (see GroupedLinear).
 
 
 @torch.library.custom_op("ds_widenet::grouped_mm", mutates_args=())
@@ -70,33 +68,56 @@ def _grouped_mm_wgrad_shape(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
     return a.new_empty((offs.shape[0], a.shape[1], g.shape[1]))
 
 
-@torch.library.custom_op("ds_widenet::grouped_linear", mutates_args=())
-def grouped_linear(x: Tensor, weights: list[Tensor], offs: Tensor) -> Tensor:
-    """x [N, in] whose rows offs[g-1]:offs[g] belong to group g, through group g's nn.Linear weight
-    weights[g] [out, in] -> [N, out] (rows past offs[-1] unspecified)."""
-    return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offs)
+class GroupedLinear(torch.autograd.Function):
+    """x [N, in] whose rows offs[g-1]:offs[g] belong to group g, through group g's nn.Linear
+    (weights[g] [out, in], biases[g] [out]) -> [N, out]; `expert` [N] is each row's group (G past the
+    last offset: those rows are never multiplied, hold garbage and get no bias; callers never read
+    them).
+
+    Why a hand-written autograd.Function rather than a torch.library custom op with a registered
+    autograd (what this was): such an op costs ~150 us of Python dispatch per call on the CPU, three
+    calls per projection (forward, input and weight gradients); at d 128 that was ~11 ms of a ~130 ms
+    WideNet step, more than the matmuls it wraps. In eager mode the Function calls torch._grouped_mm
+    directly; traced by torch.compile (which turns the Function into forward and backward subgraphs)
+    it calls the custom ops above, whose fake functions accept float32.
+    The bias rides inside: added in place in the forward, its gradient a per-group sum of the rows
+    (an index_add into G + 1 rows whose last, the garbage rows' sink, is dropped: a zero-row
+    multiply would turn a garbage NaN into a NaN gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offs: Tensor, expert: Tensor, num_weights: int,  # noqa: ANN001 (ctx)
+                *params: Tensor) -> Tensor:
+        weights, biases = params[:num_weights], params[num_weights:]
+        # the [G, out, in] stack is transient: the parameters are saved, not a copy per call (WideNet
+        # calls its one MoE layer at every depth: a saved stack would cost the expert weights per depth)
+        out = _gmm(x, torch.stack(weights).transpose(1, 2), offs)
+        if biases:
+            b = torch.stack(biases)
+            out = out.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, expert))
+        ctx.save_for_backward(x, offs, expert, *weights)
+        ctx.num_biases = len(biases)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        x, offs, expert, *weights = ctx.saved_tensors
+        grad = grad.contiguous()  # an expanded gradient (e.g. of a sum) has zero strides: refused
+        gx = _gmm(grad, torch.stack(weights), offs) if ctx.needs_input_grad[0] else None
+        gw = _gmm_wgrad(grad, x, offs).unbind(0)  # [G, out, in]: nn.Linear's layout
+        gb: tuple[Tensor, ...] = ()
+        if ctx.num_biases:
+            gb = grad.new_zeros(len(weights) + 1, grad.shape[1]).index_add_(0, expert, grad)[:-1].unbind(0)
+        return (gx, None, None, None, *gw, *gb)
 
 
-@grouped_linear.register_fake
-def _grouped_linear_shape(x: Tensor, weights: list[Tensor], offs: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], weights[0].shape[0]))
+def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return grouped_mm(a, b, offs) if torch.compiler.is_compiling() else torch._grouped_mm(a, b, offs=offs)
 
 
-def _grouped_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
-    x, weights, offs = inputs
-    ctx.num_weights = len(weights)
-    ctx.save_for_backward(x, offs, *weights)
-
-
-def _grouped_linear_backward(ctx, grad: Tensor):  # noqa: ANN001
-    x, offs, *weights = ctx.saved_tensors
-    grad = grad.contiguous()  # an expanded gradient (e.g. of a sum) has zero strides: refused
-    gx = grouped_mm(grad, torch.stack(weights), offs)
-    gw = list(grouped_mm_wgrad(grad, x, offs).unbind(0))  # [G, out, in]: nn.Linear's layout
-    return gx, gw, None
-
-
-grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
+def _gmm_wgrad(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return grouped_mm_wgrad(a, g, offs)
+    return torch._grouped_mm(a.t(), g, offs=offs)
 
 
 def _filled_rows(offs: Tensor, bound: int) -> int:
@@ -115,14 +136,28 @@ def _grouped_mm_flops(a: Tensor, b: Tensor, offs: Tensor, *args, **kwargs) -> in
     return 2 * _filled_rows(offs, a.shape[0]) * a.shape[1] * n
 
 
-@register_flop_formula(torch.ops.ds_widenet.grouped_linear, get_raw=True)
-def _grouped_linear_flops(x: Tensor, weights: list[Tensor], offs: Tensor, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
-    out, inp = weights[0].shape
-    return 2 * _filled_rows(offs, x.shape[0]) * inp * out
+def _aten_grouped_mm_flops(a: Tensor, b: Tensor, offs: Optional[Tensor] = None, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+    # the eager path's direct calls: [N, k] x [G, k, n] (N rows) or [k, N] x [N, n] (the weight gradient)
+    if offs is None or a.dim() != 2 or b.dim() not in (2, 3):
+        raise NotImplementedError(f"no FLOP formula for _grouped_mm of {a.dim()}-d x {b.dim()}-d without offs")
+    if b.dim() == 3:
+        return 2 * _filled_rows(offs, a.shape[0]) * a.shape[1] * b.shape[2]
+    return 2 * _filled_rows(offs, a.shape[1]) * a.shape[0] * b.shape[1]
+
+
+if torch.ops.aten._grouped_mm not in flop_registry:  # torch has none (2.14); a later one may
+    register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)(_aten_grouped_mm_flops)
 
 
 @functools.lru_cache(maxsize=None)
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    # a capability check on real tensors, unseen by any active dispatch mode (a FlopCounterMode would
+    # count the probe's matmul, a FakeTensorMode would answer for the meta function instead)
+    with _disable_current_modes():
+        return _try_grouped_mm(device_type, dtype)
+
+
+def _try_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         a = torch.zeros(16, 16, device=device_type, dtype=dtype)
         b = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
@@ -206,12 +241,6 @@ class MoELayerOutput:
     routes: Routes
 
 
-def _bias_rows(layers: list[torch.nn.Linear], expert: Tensor) -> Tensor:
-    """Each row's expert bias; a zero row for the index len(layers) (rows past the last offset)."""
-    b = torch.stack([m.bias for m in layers])
-    return torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, expert)
-
-
 class GroupedExperts(Experts):
     """DeepSpeed's `Experts` (same modules: `deepspeed_experts.{i}` of timm-named Mlps fc1/act/fc2,
     same `allreduce=False` marks) run as one grouped matmul per projection over the packed rows.
@@ -237,9 +266,9 @@ class GroupedExperts(Experts):
         # Each row's expert (len(experts) past the last offset: the discarded bias row).
         expert = torch.searchsorted(offs, torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32),
                                     right=True)
-        h = grouped_linear(rows, [m.weight for m in fc1], offs) + _bias_rows(fc1, expert)
-        h = self._act(h)
-        return grouped_linear(h, [m.weight for m in fc2], offs) + _bias_rows(fc2, expert)
+        h = GroupedLinear.apply(rows, offs, expert, len(fc1), *[m.weight for m in fc1], *[m.bias for m in fc1])
+        return GroupedLinear.apply(self._act(h), offs, expert, len(fc2), *[m.weight for m in fc2],
+                                   *[m.bias for m in fc2])
 
     def padded(self, buf: Tensor) -> Tensor:
         """[ranks, L, C, d] -> the same shape, every slot multiplied: one batched matmul per projection."""
