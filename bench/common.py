@@ -53,6 +53,26 @@ def pick_device(name: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_malloc_arg(ap: Any) -> None:
+    ap.add_argument("--glibc-malloc-defaults", action="store_true",
+                    help="leave glibc's malloc thresholds adaptive; by default they are fixed as the trainer "
+                         "fixes them (train.retain_host_memory, ds_widenet/hostmem.py)")
+
+
+def setup_malloc(glibc_defaults: bool = False) -> None:
+    """Host memory as the trainer has it (hostmem.retain_freed_memory) unless `glibc_defaults`, so a
+    benchmark times what the trainer runs; recorded in machine_info. Once per process: glibc's
+    thresholds cannot be made adaptive again."""
+    global RETAIN_HOST_MEMORY
+    if not glibc_defaults:
+        from ds_widenet import hostmem
+
+        RETAIN_HOST_MEMORY = hostmem.retain_freed_memory()
+
+
+RETAIN_HOST_MEMORY = False  # whether this process fixed glibc's thresholds (setup_malloc)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,6 +92,7 @@ def machine_info(device: Optional[torch.device] = None) -> dict[str, Any]:
         "deepspeed": deepspeed.__version__,
         "python": platform.python_version(),
         "loadavg_at_start": list(os.getloadavg()),
+        "retain_host_memory": RETAIN_HOST_MEMORY,
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "note": NOISE_NOTE,
     }

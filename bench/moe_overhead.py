@@ -212,12 +212,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from an earlier --json")
     ap.add_argument("--compile", action="store_true", help="compile every variant's model (see the module doc)")
     ap.add_argument("--compile-backend", default="inductor")
+    common.add_malloc_arg(ap)
     args = ap.parse_args(argv)
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), args.plot or str(Path(args.replot).with_suffix(".png")))
         return 0
     dev = common.pick_device(args.device)
     common.set_threads(args.threads)
+    common.setup_malloc(args.glibc_malloc_defaults)
     batches = args.batch or [DEFAULT_BATCH[s] for s in args.sizes]
     if len(batches) == 1:
         batches = batches * len(args.sizes)
@@ -241,6 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for size, res in result["sizes"].items():
         base = res["baseline"]
         how = f", compiled ({res['compiled']})" if res.get("compiled") else ", eager"
+        how += "" if result["machine"]["retain_host_memory"] else ", glibc malloc defaults"
         print(f"{size} (batch {res['batch']}, {res['dtype']}, {result['machine']['torch_threads']} threads{how}): "
               f"median step time and ratio to {base}")
         for v, r in res["variants"].items():

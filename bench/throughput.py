@@ -43,13 +43,14 @@ from ds_widenet.flops import param_split, step_flops  # noqa: E402
 def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int = 10, warmup: int = 3,
         dtype: str = "fp32", threads: Optional[int] = None, device: Optional[str] = None,
         peak_sizes: Optional[Sequence[int]] = None, peak_seconds: float = 0.25,
-        compile: bool = False, compile_backend: str = "inductor") -> dict[str, Any]:
+        compile: bool = False, compile_backend: str = "inductor", glibc_malloc_defaults: bool = False) -> dict[str, Any]:
     import os
 
     torch = common.torch
     load_start = list(os.getloadavg())
     dev = common.pick_device(device)
     common.set_threads(threads)
+    common.setup_malloc(glibc_malloc_defaults)
     dt = common.DTYPES[dtype]
     cfg = common.model_config(preset, overrides)
     trainer = common.PlainTrainer(cfg, batch, dev, dt)
@@ -160,11 +161,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, eager)")
     ap.add_argument("--json", default=None, help="write the result here")
     ap.add_argument("overrides", nargs="*", help="model overrides, e.g. model.depth=4 model.moe.k=1")
+    common.add_malloc_arg(ap)
     args = ap.parse_args(argv)
     try:
         res = run(args.preset, common.parse_overrides(args.overrides), args.batch, args.steps, args.warmup,
                   args.dtype, args.threads, args.device, args.peak_sizes, args.peak_seconds, args.compile,
-                  args.compile_backend)
+                  args.compile_backend, args.glibc_malloc_defaults)
     except common.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

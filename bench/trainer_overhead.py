@@ -463,7 +463,7 @@ def run_preset(preset: str, batch: int, micro: Optional[int], steps_per_round: i
 def run(presets: Sequence[str], batches: Sequence[int], steps_per_round: Sequence[int], rounds: Sequence[int] = (8,),
         warmup_rounds: int = 1, micro: Optional[Sequence[int]] = None, threads: Optional[int] = 1,
         variants: Sequence[str] = VARIANTS, overrides: Sequence[str] = (), workdir: Optional[str] = None,
-        profile: bool = False) -> dict[str, Any]:
+        profile: bool = False, glibc_malloc_defaults: bool = False) -> dict[str, Any]:
     def per(xs: Optional[Sequence[Any]], i: int) -> Any:
         if not xs:
             return None
@@ -471,6 +471,10 @@ def run(presets: Sequence[str], batches: Sequence[int], steps_per_round: Sequenc
 
     load_start = list(os.getloadavg())
     common.set_threads(threads)
+    # every variant under the trainer's host-memory settings (the trainer would set them at its start)
+    common.setup_malloc(glibc_malloc_defaults)
+    if glibc_malloc_defaults:
+        overrides = [*overrides, "train.retain_host_memory=false"]
     results = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for i, preset in enumerate(presets):
@@ -509,13 +513,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the trainer's temporary run directories go")
     ap.add_argument("--json", default=None, help="write the result here")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for every preset, e.g. model.depth=2")
+    common.add_malloc_arg(ap)
     args = ap.parse_args(argv)
     if "trainer" not in args.variants:
         ap.error("--variants must include trainer (the rounds are cut inside its loop)")
     try:
         res = run(args.presets, args.batch, args.steps_per_round, args.rounds, args.warmup_rounds, args.micro,
                   args.threads or None, args.variants, common.parse_overrides(args.overrides), args.workdir,
-                  args.profile)
+                  args.profile, args.glibc_malloc_defaults)
     except common.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

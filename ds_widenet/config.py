@@ -260,6 +260,9 @@ class TrainConfig:
     # (inductor), or e.g. "aot_eager" to trace without generating kernels.
     compile: bool = False
     compile_backend: str = "inductor"
+    # Keep freed host memory in the heap between steps (glibc's trim and mmap thresholds fixed, see
+    # hostmem.py): no page faults re-growing it every step. Off: glibc's defaults.
+    retain_host_memory: bool = True
 
     def __post_init__(self) -> None:
         if not self.compile_backend:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from . import deepspeed_internals as dsi
-from . import rng
+from . import hostmem, rng
 from .config import BatchLayout, ConfigError, Recipe, derived_steps, load_ds_config, load_recipe, validate, zero_stage
 from .data import mixup
 from .distributed import all_reduce_mean_tensor
@@ -358,6 +358,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        if self.recipe.train.retain_host_memory:
+            hostmem.retain_freed_memory()
         try:
             self.build()
             return self.fit()
