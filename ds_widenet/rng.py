@@ -334,7 +334,23 @@ def keyed_normal(keys: Sequence[Key], shape: Sequence[int], n_trailing: int,
     The uniforms are those of keyed_uniform before its cap below 1.0, so they lie in (0, 1]:
     Box-Muller is finite on all of it (u1 = 1.0 gives 0), and keeping 1.0 keeps the router noise
     bit for bit the noise earlier runs were trained with."""
-    prefix = _fold(keys, 0x9E3779B9, device)  # shared by both uniforms: they differ from the salt on
+    return _normal(_fold(keys, 0x9E3779B9, device), shape, n_trailing, device)
+
+
+def keyed_normal_rows(prefixes: Sequence[Sequence[int]], keys: Sequence[Key], shape: Sequence[int],
+                      n_trailing: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`torch.stack([keyed_normal([*p, *keys], shape, n_trailing) for p in prefixes])`, bit for bit, in
+    the ops of one call: the Python-int prefixes are folded in Python, the remaining `keys` once over
+    all of them (a leading dim of len(prefixes)). WideNet's router noise for every depth at once: the
+    per-call cost at d 128 is the ~100 small ops of the hash, not its elements. Eager only (under
+    torch.compile the ints of a prefix may be symbolic: fold them through keyed_normal)."""
+    heads = [_fold_eager([int(k) for k in p], 0x9E3779B9, device) for p in prefixes]
+    h = torch.tensor(heads, dtype=torch.int64, device=device).view(-1, *([1] * len(shape)))
+    return _normal(_fold(keys, h, device), (len(heads), *shape), n_trailing, device)
+
+
+def _normal(prefix: _State, shape: Sequence[int], n_trailing: int, device: torch.device | str) -> torch.Tensor:
+    # the prefix is shared by both uniforms: they differ from the salt on
     u1 = _uniform(_fold([0x51ED270B], prefix, device), shape, n_trailing, device)
     u2 = _uniform(_fold([0x2545F491], prefix, device), shape, n_trailing, device)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)

@@ -19,11 +19,13 @@ from torch import Tensor
 @dataclass
 class RouteKey:
     """What keyed randomness needs from the training loop: the seed, the optimizer step and the
-    global id of each sample of the micro-batch ([B], int64)."""
+    global id of each sample of the micro-batch ([B], int64). `memo` holds what one forward draws once
+    for several calls (WideNet's router noise of every depth): a key is made per forward."""
 
     seed: int
     step: int
     sample_ids: Tensor
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

@@ -164,6 +164,26 @@ def test_router_noise_depends_on_sample_id_not_on_batch_company():
     assert not all(torch.equal(a.expert_index, b.expert_index) for a, b in zip(both.routing, other_step.routing))
 
 
+def test_widenet_draws_every_depths_router_noise_in_one_call_equal_to_each_depths_own(monkeypatch):
+    from ds_widenet import rng
+    from ds_widenet.models.routing import KeyedRouterNoise, keyed_router_noise
+
+    model = model_of(tiny(capacity_factor=1.0)).train()  # 3 depths through one gate
+    gate = model.moe.gate
+    assert isinstance(gate.noise_source, KeyedRouterNoise) and gate.noise_source.num_depths == 3
+    calls, real_rows = [], rng.keyed_normal_rows
+    monkeypatch.setattr(rng, "keyed_normal_rows", lambda *a, **k: calls.append(1) or real_rows(*a, **k))
+    x, ids = images(4), torch.tensor([10, 11, 12, 13])
+    batched = model(x, sample_ids=ids, step=3, seed=1)
+    assert len(calls) == 1  # one draw for the 3 depths of the forward
+    gate.noise_source = keyed_router_noise  # the per-depth definition
+    per_depth = model(x, sample_ids=ids, step=3, seed=1)
+    assert len(calls) == 1
+    assert torch.equal(batched.logits, per_depth.logits)
+    for a, b in zip(batched.routing, per_depth.routing):
+        assert torch.equal(a.expert_index, b.expert_index)
+
+
 def test_padding_samples_take_no_capacity_so_real_samples_do_not_depend_on_them():
     model = model_of(tiny(noise_std=0.0, eval_capacity_factor=0.5)).eval()
     # padding first: its tokens would queue for capacity before the real ones

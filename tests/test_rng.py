@@ -67,6 +67,14 @@ def test_normal_equals_the_full_shape_definition_at_router_noise_shapes():
         assert torch.equal(rng.keyed_normal(keys, shape, 2), rng.keyed_normal_full_shape(keys, shape, 2))
 
 
+def test_normal_rows_are_the_per_prefix_normals_stacked():
+    ids = torch.tensor([11, 4, 2**40 + 1436]).view(3, 1, 1)  # an id wider than 32 bits: its second round
+    prefixes = [[0, 12, d, rng.SITE_ROUTER] for d in range(5)] + [[2**33 + 1, 0, 1, 2]]
+    for keys, shape in (([ids], (3, 17, 4)), ([], (51, 4))):
+        rows = rng.keyed_normal_rows(prefixes, keys, shape, 2)
+        assert torch.equal(rows, torch.stack([rng.keyed_normal([*p, *keys], shape, 2) for p in prefixes]))
+
+
 def test_a_sample_gets_the_same_noise_whatever_else_is_in_its_batch():
     alone = rng.keyed_normal([1, 2, rng.SITE_ROUTER, torch.tensor([5]).view(1, 1, 1)], (1, 9, 4), 2)
     batch = rng.keyed_normal([1, 2, rng.SITE_ROUTER, torch.tensor([8, 5, 0]).view(3, 1, 1)], (3, 9, 4), 2)

@@ -79,7 +79,8 @@ class DenseFFN(nn.Module):
 class MoEFFN(nn.Module):
     """One DeepSpeed MoE layer (gate + experts) returning (output, aux loss, RoutingStats).
 
-    `num_depths` > 1 with `per_depth_gate` gives one gate matrix per depth (WideNet only).
+    `num_depths`: the depths at which the layer is called (WideNet: all of them; its router noise is
+    drawn for all at once); with `per_depth_gate` one gate matrix per depth (WideNet only).
     Expert i of rank r is global expert `ep_rank * local + i`; `init_experts` seeds each expert
     from its global id so all experts start different, identically on every ep_size.
     """
@@ -97,7 +98,8 @@ class MoEFFN(nn.Module):
             gate: TopKGate = PaperGate(
                 dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
                 cfg.drop_tokens, cfg.effective_noise_std, num_depths if cfg.per_depth_gate else 1,
-                priority=cfg.router == "bpr", expert_choice=cfg.expert_choice, z_loss=cfg.z_loss_weight > 0)
+                priority=cfg.router == "bpr", expert_choice=cfg.expert_choice, z_loss=cfg.z_loss_weight > 0,
+                call_depths=num_depths)
         else:
             gate = DeepSpeedGate(dim, cfg.num_experts, cfg.k, cfg.capacity_factor, cfg.eval_capacity_factor,
                                  cfg.min_capacity, noisy_gate_policy=None, drop_tokens=cfg.drop_tokens, use_rts=False,

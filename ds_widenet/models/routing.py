@@ -50,6 +50,32 @@ def keyed_router_noise(shape: torch.Size, depth: int, key: Optional[RouteKey], d
     return noise.reshape(tokens, experts)
 
 
+class KeyedRouterNoise:
+    """keyed_router_noise for a gate called at `num_depths` depths (WideNet's one shared MoE layer), bit
+    for bit, drawn for every depth at once: the first call of a forward computes [depths, tokens, E]
+    with rng.keyed_normal_rows and memoises it on the forward's RouteKey; the other depths (and an
+    activation-checkpoint recompute, which gets the same key) take their slice. At d 128 the hash's
+    ~100 small ops, not its 4K elements, are its cost: once per forward instead of once per depth.
+    Without a key, beyond num_depths or under torch.compile (which fuses the hash), per call."""
+
+    def __init__(self, num_depths: int) -> None:
+        self.num_depths = num_depths
+
+    def __call__(self, shape: torch.Size, depth: int, key: Optional[RouteKey], device: torch.device) -> Tensor:
+        if self.num_depths <= 1 or key is None or not 0 <= depth < self.num_depths or torch.compiler.is_compiling():
+            return keyed_router_noise(shape, depth, key, device)
+        slot = ("router_noise", id(self), tuple(shape), str(device))
+        noise = key.memo.get(slot)
+        if noise is None:
+            tokens, experts = shape
+            ids = key.sample_ids.to(device)
+            b = ids.numel()
+            noise = rng.keyed_normal_rows([[key.seed, key.step, d, rng.SITE_ROUTER] for d in range(self.num_depths)],
+                                          [ids.view(b, 1, 1)], (b, tokens // b, experts), 2, device)
+            noise = key.memo[slot] = noise.view(self.num_depths, tokens, experts)
+        return noise[depth]
+
+
 @dataclass
 class Routes:
     """What a gate decides for one call: balance loss, capacity C (slots per expert), and per route
@@ -72,7 +98,7 @@ class PaperGate(TopKGate):
     def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool,
                  noise_std: float, num_depths: int = 1, priority: bool = False, expert_choice: bool = False,
-                 z_loss: bool = False) -> None:
+                 z_loss: bool = False, call_depths: int = 1) -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=False)
@@ -83,9 +109,10 @@ class PaperGate(TopKGate):
         self.priority = priority  # router="bpr": capacity taken in the order of the top gate values
         self.expert_choice = expert_choice  # router="expert_choice": each expert takes its top-C tokens
         self.z_loss = z_loss  # compute ST-MoE's router z-loss (model.moe.z_loss_weight > 0)
-        # Where the training noise comes from: keyed by default; anything with this signature
-        # (e.g. a rank-local generator, to show what keyed noise protects against) can replace it.
-        self.noise_source: NoiseSource = keyed_router_noise
+        # Where the training noise comes from: keyed by default (drawn for all `call_depths` depths at
+        # which the gate is called at once); anything with this signature (e.g. a rank-local generator,
+        # to show what keyed noise protects against) can replace it.
+        self.noise_source: NoiseSource = KeyedRouterNoise(call_depths)
 
     def logits(self, x: Tensor, depth: int) -> Tensor:
         e = self.wg.out_features // self.num_depths
