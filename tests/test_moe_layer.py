@@ -52,6 +52,26 @@ def test_pack_slots_orders_rows_expert_major_then_by_source_rank():
     assert dest.view(2, 2, 3).tolist() == [[[0, 6, 1], [6, 6, 6]], [[2, 3, 6], [6, 4, 6]]]
 
 
+@pytest.mark.parametrize("router", ["paper", "bpr", "expert_choice", "deepspeed"])
+@pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
+def test_packed_routes_are_pack_slots_rows_for_every_router(router: str, cf: float):
+    """The single-rank shortcut (rows from the route counts) relies on every router keeping an
+    expert's routes at locations 0..n-1: it must give pack_slots' rows, padding and drops included."""
+    if router == "expert_choice" and cf >= 2.0:
+        cf = 1.0  # k * cf >= E is refused for expert choice
+    ffn = _layer(cf, router=router)
+    for training, used in ((True, None), (False, torch.tensor([1.0, 0.0, 1.0, 1.0]).repeat_interleave(5))):
+        ffn.train(training)
+        r = ffn.gate(torch.randn(20, 8), used, 0, RouteKey(seed=1, step=2, sample_ids=torch.arange(4)))
+        e, cap = 4, r.capacity
+        sink = min(e * cap, r.indices.numel())
+        slots = moe_layer.route_slots(r.indices, r.locations, cap, e)
+        dest, offs = moe_layer.pack_slots(moe_layer.occupancy(slots, e * cap).view(1, e, cap), sink)
+        want = torch.cat([dest, dest.new_full((1,), sink)]).index_select(0, slots.reshape(-1)).view(r.indices.shape)
+        rows, offs2 = moe_layer.packed_routes(r.indices, r.locations, e, sink)
+        assert torch.equal(rows, want) and torch.equal(offs2, offs), (router, cf, training)
+
+
 def _layer(ep_cf: float = 1.2, experts: int = 4, router: str = "paper") -> MoEFFN:
     cfg = MoEConfig(num_experts=experts, k=2, expert_dim=12, capacity_factor=ep_cf, min_capacity=1, router=router,
                     eval_capacity_factor=1.0 if router == "expert_choice" else 2.0)
