@@ -112,13 +112,16 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     if priority:  # tokens queue by their top gate value, highest first (a stable sort: ties in token order)
         order = torch.sort(top_gates[:, 0].detach(), descending=True, stable=True).indices
         queue = mask.index_select(1, order)
-    loc = (queue.reshape(k * num_tokens, num_experts).cumsum(0) - 1).view(k, num_tokens, num_experts)
+    loc = queue.reshape(k * num_tokens, num_experts).cumsum(0).view(k, num_tokens, num_experts)
     if priority:  # back to token order: the token at queue position j is order[j]
         loc = torch.empty_like(loc).index_copy_(1, order, loc)
-    loc_s = (loc * mask).sum(-1)  # [k, S]: the route's place in its expert's queue (0 where masked)
-    kept = (mask.sum(-1) > 0) & (loc_s < capacity)
-    indices = torch.where(kept, idx, torch.full_like(idx, -1)).to(torch.int32)
-    locations = torch.where(kept, loc_s, torch.zeros_like(loc_s)).to(torch.int32)
+    # [k, S]: the route's place in its expert's queue (its count there, less one)
+    loc_s = loc.gather(2, idx.unsqueeze(2)).squeeze(2) - 1
+    kept = loc_s < capacity
+    if used_token is not None:  # a padding token queues nowhere: none of its routes is kept
+        kept &= mask.sum(-1) > 0
+    indices = torch.where(kept, idx, -1).to(torch.int32)
+    locations = torch.where(kept, loc_s, 0).to(torch.int32)
     return l_aux, capacity, num_experts, indices, locations, top_gates.t() * kept, exp_counts
 
 
