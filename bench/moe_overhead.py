@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -105,13 +106,19 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
     if compile_backend:
         warmup, profile_steps = max(warmup, 2), 0
     phases: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+    faults: dict[str, list[float]] = {v: [] for v in variants}  # minor page faults per step
+    sys_s: dict[str, list[float]] = {v: [] for v in variants}  # system CPU seconds per step
     for r in range(warmup + rounds):
         for v in variants:  # interleaved: A B C A B C ...
             ph: dict[str, list[float]] = {}
+            u0 = resource.getrusage(resource.RUSAGE_SELF)
             trainers[v].step(ph)
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
             if r >= warmup:
                 for k, xs in ph.items():
                     phases[v].setdefault(k, []).extend(xs)
+                faults[v].append(u1.ru_minflt - u0.ru_minflt)
+                sys_s[v].append(u1.ru_stime - u0.ru_stime)
         if r >= warmup:
             log(f"  [{size}] round {r - warmup + 1}/{rounds}: " + "  ".join(
                 f"{v} {1e3 * sum(x[-1] for x in phases[v].values()):.0f}ms" for v in variants))
@@ -133,6 +140,9 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
             f"ratio_vs_{base}": st["median"] / statistics.median(step_times[base]),
             f"paired_ratio_vs_{base}_median": statistics.median(paired),
             "model_gflops_per_s": fl["train"] / st["median"] / 1e9,
+            # the kernel's share: glibc giving freed heap back and faulting it in again (hostmem.py)
+            "minor_faults_per_step_median": statistics.median(faults[v]),
+            "system_cpu_s_per_step_mean": statistics.fmean(sys_s[v]),
         }
     out["baseline"] = base
     if profile_steps > 0:
@@ -249,7 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for v, r in res["variants"].items():
             print(f"  {v:15s} {1e3 * r['step_time_s']['median']:8.1f} ms  ratio {r[f'ratio_vs_{base}']:.3f}  "
                   f"paired {r[f'paired_ratio_vs_{base}_median']:.3f}  "
-                  f"(model {r['flops_per_step']['model'] / 1e9:.2f} / executed {r['flops_per_step']['executed'] / 1e9:.2f} GFLOP)")
+                  f"(model {r['flops_per_step']['model'] / 1e9:.2f} / executed {r['flops_per_step']['executed'] / 1e9:.2f} GFLOP; "
+                  f"{r['minor_faults_per_step_median']:.0f} page faults, {1e3 * r['system_cpu_s_per_step_mean']:.1f} ms system CPU per step)")
             prof = r.get("profile")
             if prof and any(k.startswith("moe/") for k in prof["totals_ms"]):
                 t = prof["totals_ms"]

@@ -187,6 +187,26 @@ def test_dense_eq_has_widenet_activated_flops():
     assert fw > fd and (fw - fd) / fd < 0.01  # the router is the only difference
 
 
+def test_moe_overhead_times_both_models_with_page_faults_and_system_time():
+    from bench.moe_overhead import run_size
+
+    res = run_size("digits", ["widenet", "dense-eq"], 4, 2, 1, "fp32", 0, torch.device("cpu"), log=lambda *a: None)
+    assert res["baseline"] == "dense-eq"
+    for v, r in res["variants"].items():
+        assert r["minor_faults_per_step_median"] >= 0 and r["system_cpu_s_per_step_mean"] >= 0
+        assert r["step_time_s"]["median"] > 0 and (r["paired_ratio_vs_dense-eq_median"] == 1.0) == (v == "dense-eq")
+
+
+def test_moe_call_times_the_layer_and_its_parts_against_the_dense_ffn():
+    from bench import moe_call
+
+    fns = moe_call.build("digits", 2)
+    assert set(fns) == {"moe", "dense", "gate", "experts", "mlp", "route"}
+    res = moe_call.run("digits", batch=2, rounds=2, warmup=1, threads=None, glibc_malloc_defaults=True)
+    assert set(res["calls"]) == set(fns) and res["calls"]["dense"]["paired_vs_dense"] == 1.0
+    assert all(c["median_ms"] > 0 for c in res["calls"].values())
+
+
 def test_projection_widenet_does_more_all_to_all_than_vit_moe():
     from bench.scaling import GPUS, Layout, project
 
