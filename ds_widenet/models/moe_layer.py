@@ -13,8 +13,8 @@ all-to-all over the fixed [E, C, d] buffers, but:
 * the slots each expert really holds are packed expert-major into one [rows, d] buffer and the local
   experts run as one grouped matmul per projection over those rows (`torch._grouped_mm` with the
   per-expert row offsets as a device tensor): no per-expert Python loop, no multiply of an empty
-  slot. With one expert-parallel rank the packing is folded into the token -> slot map (no extra
-  copy); with several, the slot occupancy travels with the tokens (a small all-to-all) and the
+  slot. With one expert-parallel rank each route's packed row comes straight from the route counts
+  (`packed_routes`: tokens are gathered into their rows, no slot buffer); with several, the slot occupancy travels with the tokens (a small all-to-all) and the
   received buffer is packed and unpacked by two gathers.
 
 Where the device has no grouped matmul for the dtype (e.g. fp16 on CUDA), the experts fall back to one
@@ -129,15 +129,9 @@ def _filled_rows(offs: Tensor, bound: int) -> int:
         return bound
 
 
-@register_flop_formula([torch.ops.ds_widenet.grouped_mm, torch.ops.ds_widenet.grouped_mm_wgrad], get_raw=True)
-def _grouped_mm_flops(a: Tensor, b: Tensor, offs: Tensor, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
-    # grouped_mm: [N, k] x [G, k, n]; grouped_mm_wgrad: [N, k]^T x [N, n]: 2 * filled rows * k * n
-    n = b.shape[-1]
-    return 2 * _filled_rows(offs, a.shape[0]) * a.shape[1] * n
-
-
-def _aten_grouped_mm_flops(a: Tensor, b: Tensor, offs: Optional[Tensor] = None, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
-    # the eager path's direct calls: [N, k] x [G, k, n] (N rows) or [k, N] x [N, n] (the weight gradient)
+def _grouped_mm_flops(a: Tensor, b: Tensor, offs: Optional[Tensor] = None, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+    """2 * filled rows * k * n for torch._grouped_mm's two uses here: [N, k] x [G, k, n] (a grouped
+    matmul) and per group [k, N] x [N, n] (its weight gradient)."""
     if offs is None or a.dim() != 2 or b.dim() not in (2, 3):
         raise NotImplementedError(f"no FLOP formula for _grouped_mm of {a.dim()}-d x {b.dim()}-d without offs")
     if b.dim() == 3:
@@ -145,8 +139,11 @@ def _aten_grouped_mm_flops(a: Tensor, b: Tensor, offs: Optional[Tensor] = None, 
     return 2 * _filled_rows(offs, a.shape[1]) * a.shape[0] * b.shape[1]
 
 
-if torch.ops.aten._grouped_mm not in flop_registry:  # torch has none (2.14); a later one may
-    register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)(_aten_grouped_mm_flops)
+register_flop_formula(torch.ops.ds_widenet.grouped_mm, get_raw=True)(_grouped_mm_flops)
+register_flop_formula(torch.ops.ds_widenet.grouped_mm_wgrad, get_raw=True)(
+    lambda a, g, offs, *args, **kwargs: _grouped_mm_flops(a.t(), g, offs))  # the op transposes a itself
+if torch.ops.aten._grouped_mm not in flop_registry:  # the eager path's direct calls; torch 2.14 has none
+    register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)(_grouped_mm_flops)
 
 
 @functools.lru_cache(maxsize=None)

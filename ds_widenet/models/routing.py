@@ -22,7 +22,7 @@ shapes: nothing read back from the device), the router entropy part of the resul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +39,26 @@ NoiseSource = Callable[[torch.Size, int, Optional[RouteKey], torch.device], Tens
 def keyed_router_noise(shape: torch.Size, depth: int, key: Optional[RouteKey], device: torch.device) -> Tensor:
     """Standard-normal router noise [tokens, experts] keyed by (seed, step, depth, global sample id,
     token, expert): the same for a token on any world size and on activation-checkpoint recompute."""
+    return keyed_router_noise_depths(shape, [depth], key, device)[0]
+
+
+def keyed_router_noise_depths(shape: torch.Size, depths: Sequence[int], key: Optional[RouteKey],
+                              device: torch.device) -> Tensor:
+    """keyed_router_noise at each of `depths`, stacked: [len(depths), tokens, experts]. Several depths
+    are drawn in the ops of one (rng.keyed_normal_rows), bit for bit the per-depth noise."""
     tokens, experts = shape
     if key is None:  # no key from the caller (a bare forward): sample ids 0..B-1 with B=1
-        return rng.keyed_normal([0, 0, depth, rng.SITE_ROUTER], (tokens, experts), 2, device)
-    ids = key.sample_ids.to(device)
-    b = ids.numel()
-    per_sample = tokens // b
-    noise = rng.keyed_normal([key.seed, key.step, depth, rng.SITE_ROUTER, ids.view(b, 1, 1)],
-                             (b, per_sample, experts), 2, device)
-    return noise.reshape(tokens, experts)
+        head, keys, per = [0, 0], [], (tokens, experts)
+    else:
+        ids = key.sample_ids.to(device)
+        b = ids.numel()
+        head, keys, per = [key.seed, key.step], [ids.view(b, 1, 1)], (b, tokens // b, experts)
+    prefixes = [[*head, d, rng.SITE_ROUTER] for d in depths]
+    if len(prefixes) == 1 or torch.compiler.is_compiling():  # traced, the step may be symbolic: per depth
+        noise = torch.stack([rng.keyed_normal([*p, *keys], per, 2, device) for p in prefixes])
+    else:
+        noise = rng.keyed_normal_rows(prefixes, keys, per, 2, device)
+    return noise.view(len(prefixes), tokens, experts)
 
 
 class KeyedRouterNoise:
@@ -67,12 +78,7 @@ class KeyedRouterNoise:
         slot = ("router_noise", id(self), tuple(shape), str(device))
         noise = key.memo.get(slot)
         if noise is None:
-            tokens, experts = shape
-            ids = key.sample_ids.to(device)
-            b = ids.numel()
-            noise = rng.keyed_normal_rows([[key.seed, key.step, d, rng.SITE_ROUTER] for d in range(self.num_depths)],
-                                          [ids.view(b, 1, 1)], (b, tokens // b, experts), 2, device)
-            noise = key.memo[slot] = noise.view(self.num_depths, tokens, experts)
+            noise = key.memo[slot] = keyed_router_noise_depths(shape, range(self.num_depths), key, device)
         return noise[depth]
 
 
