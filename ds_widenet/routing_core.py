@@ -83,18 +83,19 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     of the tokens' top gate values, highest first (ties in token order): when an expert is full, the
     tokens its router was least sure of are the ones dropped."""
     num_tokens, num_experts = logits.shape
-    probs = F.softmax(logits, dim=1)
-    top_gates, top_idx = probs.topk(k, dim=1)  # [S, k]
-    idx = top_idx.t()  # [k, S]: the k choices as one block (no Python loop over them)
+    # The softmax and top-k run on the [E, S] layout: over the experts (a short dim) across contiguous
+    # rows of tokens; over the last dim of [S, E] the CPU kernels are ~20x slower at E = 4.
+    probs = F.softmax(logits.t().contiguous(), dim=0)  # [E, S]
+    top_gates, idx = probs.topk(k, dim=0)  # [k, S]: the k choices as one block (no Python loop over them)
     mask = F.one_hot(idx, num_experts)  # [k, S, E]
     if used_token is None:
         n_used = torch.full((), float(num_tokens), device=logits.device)
-        me = probs.mean(0)
+        me = probs.mean(1)
     else:
         used = used_token.reshape(-1)
         mask = mask * used.long().view(1, -1, 1)
         n_used = used.float().sum().clamp(min=1.0)
-        me = (probs * used.float().unsqueeze(1)).sum(0) / n_used
+        me = (probs * used.float()).sum(1) / n_used
     ce = mask[0].sum(0).float() / n_used
     l_aux = num_experts * torch.sum(me * ce)
     exp_counts = mask.sum((0, 1)).detach()
@@ -110,7 +111,7 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice.
     queue = mask
     if priority:  # tokens queue by their top gate value, highest first (a stable sort: ties in token order)
-        order = torch.sort(top_gates[:, 0].detach(), descending=True, stable=True).indices
+        order = torch.sort(top_gates[0].detach(), descending=True, stable=True).indices
         queue = mask.index_select(1, order)
     loc = queue.reshape(k * num_tokens, num_experts).cumsum(0).view(k, num_tokens, num_experts)
     if priority:  # back to token order: the token at queue position j is order[j]
@@ -122,7 +123,7 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
         kept &= mask.sum(-1) > 0
     indices = torch.where(kept, idx, -1).to(torch.int32)
     locations = torch.where(kept, loc_s, 0).to(torch.int32)
-    return l_aux, capacity, num_experts, indices, locations, top_gates.t() * kept, exp_counts
+    return l_aux, capacity, num_experts, indices, locations, top_gates * kept, exp_counts
 
 
 def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
@@ -165,9 +166,9 @@ def router_z_loss(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor
 
 def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
     """Mean over the used tokens of the entropy (nats) of softmax(logits) over experts ([S, E] -> [])."""
-    with torch.no_grad():
-        logp = F.log_softmax(logits.detach().float(), dim=-1)
-        h = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # on the [E, S] layout, as paper_routing's softmax (a reduction over a short dim)
+        logp = F.log_softmax(logits.detach().float().t().contiguous(), dim=0)
+        h = -(logp.exp() * logp).sum(0)
         if used_token is None:
             return h.mean()
         w = used_token.reshape(-1).float()
