@@ -413,7 +413,7 @@ def throughput(chk: Check, preset: str, mode: str, batch: int, steps: int, warmu
     warm = [common.timed(trainer.step, dev) for _ in range(warmup)]  # a recompile (the step number) lands here
     times = [common.timed(trainer.step, dev) for _ in range(steps)]
     med = statistics.median(times)
-    fl = step_flops(cfg, batch)
+    fl = step_flops(cfg, batch, element_size=2)  # bf16
     res: dict[str, Any] = {"preset": preset, "overrides": overrides, "mode": mode, "batch": batch, "dtype": "bf16",
                            "steps": steps, "warmup": warmup, "warmup_step_seconds": [round(t, 3) for t in warm],
                            "step_ms_median": 1e3 * med, "step_ms_all": [round(1e3 * t, 3) for t in times],

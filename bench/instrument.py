@@ -12,10 +12,13 @@ named `d{depth:02d}/{part}/{fwd|bwd}`:
     ffn       the dense FFN of that depth (ViT / ViT-MoE dense blocks)
     moe       the whole MoE FFN call (MoEFFN.forward: gate, dispatch, a2a, experts, combine, stats)
     gate      the router (TopKGate / PaperGate forward: logits, noise, softmax, top-k, capacity)
-    dispatch  models.moe_layer.route_slots + occupancy + dispatch (tokens -> slots / packed rows)
+    dispatch  models.moe_layer.route_slots + occupancy + dispatch (tokens -> slots); with one expert-parallel
+              rank packed_routes + row_sources (each packed row's token and gate value: the tokens
+              themselves are gathered inside `experts`)
     a2a       deepspeed.moe.sharded_moe._AllToAll (only with ep_size > 1; two per call)
-    experts   GroupedExperts.grouped / .padded (the expert MLPs on the filled rows / all slots)
-    combine   models.moe_layer.combine (slots -> tokens, weighted by the gates)
+    experts   GroupedExperts.routed / .padded (the expert MLPs on the filled rows / all slots; with one
+              expert-parallel rank `routed` gathers the tokens and sums the gate-weighted outputs back)
+    combine   models.moe_layer.combine (slots -> tokens, weighted by the gates; ep_size > 1 or padded)
 
 Backward ranges: each wrapped part's differentiable outputs pass through an identity autograd node
 whose backward opens the range, and its inputs through one whose backward closes it, so the range spans
@@ -173,9 +176,9 @@ def moe_ranges(model: torch.nn.Module) -> Iterator[None]:
             elif isinstance(m, TopKGate):
                 patch_instance(m, "gate", False)
             elif isinstance(m, moe_layer.GroupedExperts):
-                patch_instance(m, "experts", False, "grouped")
+                patch_instance(m, "experts", False, "routed")
                 patch_instance(m, "experts", False, "padded")
-        for fn in ("route_slots", "occupancy", "dispatch"):
+        for fn in ("route_slots", "occupancy", "dispatch", "packed_routes", "row_sources"):
             patch_global(moe_layer, fn, _wrap_call("dispatch", getattr(moe_layer, fn)))
         patch_global(moe_layer, "combine", _wrap_call("combine", moe_layer.combine))
         patch_global(sharded_moe, "_AllToAll", _A2AShim(sharded_moe._AllToAll))

@@ -5,12 +5,14 @@ per-depth overhead is (moe_overhead.py times whole steps; this times what one de
 
 Timed, interleaved in shuffled order for `--rounds` rounds (medians, and paired ratios to the dense FFN),
 each on the activations of a `--batch` of the size's images ([B, T, d], fixed random input):
-    moe          WideNet's MoE layer (gate, dispatch, grouped experts, combine, statistics) at depth 0
+    moe          WideNet's MoE layer (gate, packing, grouped experts, statistics) at depth 0
     dense        the dense-eq model's FFN (mlp_dim = k * expert_dim: the same FLOPs up to the router)
     gate         the router alone (its gate values and aux loss back-propagated)
-    experts      the grouped experts alone, on the packed rows of that routing
+    experts      the grouped experts alone on that routing (GroupedExperts.routed: the tokens gathered
+                 into their packed rows, both projections, the gate-weighted sum back: dispatch and
+                 combine included)
     mlp          the dense FFN's MLP alone, on the tokens
-    route        dispatch + combine alone (a stand-in multiply between them)
+    pack         the routes' packed rows, row sources and row gate values (SparseMoELayer's bookkeeping)
 The router noise is keyed and, in WideNet, drawn for every depth at a forward's first call: here every
 call reuses one key, so the noise's cost (one draw per forward) is not in these numbers.
 """
@@ -53,8 +55,12 @@ def build(size: str, batch: int, seed: int = 0) -> dict[str, Callable[[], None]]
         r = moe.gate(tok, None, 0, key)
     num_experts = cfg.moe.num_experts
     sink = min(num_experts * r.capacity, r.indices.numel())
-    rows, offs = moe_layer.packed_routes(r.indices, r.locations, num_experts, sink)
-    packed = moe_layer.dispatch(tok, rows, sink)
+
+    def pack() -> tuple:
+        rows, offs = moe_layer.packed_routes(r.indices, r.locations, num_experts, sink)
+        return (*moe_layer.row_sources(rows, r.gates, sink), offs)
+
+    src, weight, offs = pack()
 
     def f_moe() -> None:
         y, aux, _ = moe(x.detach().requires_grad_(), 0, key, None)
@@ -69,17 +75,15 @@ def build(size: str, batch: int, seed: int = 0) -> dict[str, Callable[[], None]]
         (rr.gates.sum() + rr.aux_loss).backward()
 
     def f_experts() -> None:
-        layer.experts.grouped(packed.detach().requires_grad_(), offs).sum().backward()
+        layer.experts.routed(tok.detach().requires_grad_(), src, weight.detach().requires_grad_(), offs).sum().backward()
 
     def f_mlp() -> None:
         ffn.mlp(tok.detach().requires_grad_()).sum().backward()
 
-    def f_route() -> None:
-        gates = r.gates.detach().requires_grad_()
-        buf = moe_layer.dispatch(tok.detach().requires_grad_(), rows, sink) * 1.0
-        moe_layer.combine(buf, rows, gates, tok.shape[0]).sum().backward()
+    def f_pack() -> None:
+        pack()
 
-    return {"moe": f_moe, "dense": f_dense, "gate": f_gate, "experts": f_experts, "mlp": f_mlp, "route": f_route}
+    return {"moe": f_moe, "dense": f_dense, "gate": f_gate, "experts": f_experts, "mlp": f_mlp, "pack": f_pack}
 
 
 def run(size: str = "digits", batch: int = 64, rounds: int = 80, warmup: int = 5, threads: Optional[int] = 1,

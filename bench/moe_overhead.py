@@ -128,7 +128,7 @@ def run_size(size: str, variants: Sequence[str], batch: int, rounds: int, warmup
     base = "dense-eq" if "dense-eq" in variants else variants[-1]
     for v in variants:
         preset, over, cfg = specs[v]
-        fl = step_flops(cfg, batch)
+        fl = step_flops(cfg, batch, element_size=dt.itemsize)
         st = common.summary(step_times[v])
         paired = [a / b for a, b in zip(step_times[v], step_times[base])]
         out["variants"][v] = {

@@ -64,7 +64,7 @@ def run(preset: str, overrides: Sequence[str] = (), batch: int = 32, steps: int 
         times = [common.timed(trainer.step, dev) for _ in range(steps)]
     peak = common.matmul_peak(dev, dt, peak_sizes, peak_seconds)
 
-    fl = step_flops(cfg, batch)
+    fl = step_flops(cfg, batch, element_size=dt.itemsize)
     st = common.summary(times)
     med = st["median"]
     tokens = batch * fl["tokens_per_image"]

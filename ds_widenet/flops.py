@@ -27,6 +27,10 @@ rank's micro-batch). That bound is the executed count: exact when no route is dr
 dependent). Where the device has no grouped matmul for the dtype, the fallback (and DeepSpeed's own
 `Experts`) multiplies all E*C slots, empty ones included (`padded=True`: ~1.2x the activated work at the
 paper's cf = 1.2). (With drop_tokens=False the capacity is data dependent; k*S is used.)
+On the grouped path each expert bias rides inside its matmul as a ones column, padded with zero
+columns to a 16-byte row (`moe_layer.bias_columns`: 4 columns in fp32, 8 in bf16): the executed count
+adds those columns' MACs, forward and weight gradient (`moe_expert_bias`, `element_size` the model
+dtype's bytes), not counted as model FLOPs.
 `torch.utils.flop_counter.FlopCounterMode` (which reads the grouped matmuls' real row counts) agrees
 with the executed count exactly when attention runs as explicit matmuls and no route is dropped
 (tests/test_bench.py).
@@ -107,7 +111,7 @@ def expert_rows(cfg: ModelConfig, tokens: int, padded: bool = False, ep_size: in
     return ep_size * min(moe.num_experts // ep_size * cap, moe.k * tokens)
 
 
-def layer_costs(cfg: ModelConfig, batch: int, padded: bool = False) -> list[LayerCost]:
+def layer_costs(cfg: ModelConfig, batch: int, padded: bool = False, element_size: int = 4) -> list[LayerCost]:
     """Per-layer forward costs of one micro-batch of `batch` images (see the module doc)."""
     d, t, n = cfg.embed_dim, tokens_per_image(cfg), cfg.num_patches
     s = batch * t
@@ -127,14 +131,20 @@ def layer_costs(cfg: ModelConfig, batch: int, padded: bool = False) -> list[Laye
         act = (expert_rows(cfg, s) if moe.expert_choice else moe.k * s) * 2 * d * moe.expert_dim
         exe = expert_rows(cfg, s, padded) * 2 * d * moe.expert_dim
         out.append(LayerCost("moe_experts", moe_calls(cfg), act, exe))
+        if not padded:  # the bias columns (forward, and in the weight gradient only: bwd_factor 1)
+            from .models.moe_layer import bias_columns
+
+            cols = bias_columns(d, element_size) * moe.expert_dim + bias_columns(moe.expert_dim, element_size) * d
+            out.append(LayerCost("moe_expert_bias", moe_calls(cfg), 0, expert_rows(cfg, s) * cols, bwd_factor=1))
     head = batch * d * cfg.num_classes + (batch * d * d if cfg.pre_logits else 0)
     out.append(LayerCost("head", 1, head, head))
     return out
 
 
-def step_flops(cfg: ModelConfig, batch: int, padded: bool = False) -> dict[str, Any]:
-    """FLOPs of one training step (forward + backward) of `batch` images, and of the forward."""
-    layers = layer_costs(cfg, batch, padded)
+def step_flops(cfg: ModelConfig, batch: int, padded: bool = False, element_size: int = 4) -> dict[str, Any]:
+    """FLOPs of one training step (forward + backward) of `batch` images, and of the forward
+    (`element_size`: the model dtype's bytes, for the executed count's bias columns)."""
+    layers = layer_costs(cfg, batch, padded, element_size)
     fwd = sum(2 * lc.fwd_macs * lc.calls for lc in layers)
     fwd_exe = sum(2 * lc.fwd_macs_executed * lc.calls for lc in layers)
     train = sum(2 * lc.fwd_macs * (1 + lc.bwd_factor) * lc.calls for lc in layers)
@@ -164,9 +174,12 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
     `measure_saved_bytes` and tests/test_bench.py). Per block:
         attention   6d (LN in/out, qkv, proj in) + heads (lse, fp32) + 2 (LN stats, fp32)
         dense FFN   2d (LN in/out) + 2h (fc1 out, GELU out) + 2 (LN stats, fp32)
-        MoE FFN     2d + (R/S)*(d + 2h_e) (expert fc1 in/out, GELU out over the R = expert_rows
-                    rows: the filled slots' bound, or all E*C slots when `padded`)
-                    + k*d (routed outputs in the combine) + 5E + 2 (router, LN stats: fp32)
+        MoE FFN     2d + (R/S)*(2d + c_in + 2h_e + c_h) over the R = expert_rows rows, the filled
+                    slots' bound (moe_layer.GroupedFFN: fc1 input and GELU output with their bias
+                    columns c, fc1 and fc2 outputs; + (R/S)*(2 + 1 with one EP rank) fp32 for each
+                    row's int64 source and gate value; + k*d, the combine's routed outputs, with
+                    ep_size > 1); `padded` (all E*C slots, autograd's ops): (R/S)*(d + 2h_e) + k*d
+                    + 5E + 2 (router, LN stats: fp32)
                     + d/2 fp32 when the model is bf16/fp16 (the router's fp32 copy of its input,
                     net of the 16-bit tensors it stands in for; measured)
         dropout p>0 d per dropout site (2 per block, 1 at the embedding)
@@ -186,7 +199,17 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
         moe = cfg.moe
         assert moe is not None
         slots = expert_rows(cfg, s, padded, ep_size) / s
-        act += (2 * d + slots * (d + 2 * moe.expert_dim) + moe.k * d) * nm
+        if padded:  # autograd's: the slots' fc1 input, fc1 and GELU outputs; the combine's routed outputs
+            act += (2 * d + slots * (d + 2 * moe.expert_dim) + moe.k * d) * nm
+        else:  # moe_layer.GroupedFFN's: fc1 input and GELU output with their bias columns, fc1 and fc2
+            # outputs per packed row, each row's source (int64) and, with one EP rank, gate value (fp32);
+            # with several the combine's routed outputs too
+            from .models.moe_layer import bias_columns
+
+            size = 2 if low_precision else 4
+            rows = d + bias_columns(d, size) + 2 * moe.expert_dim + bias_columns(moe.expert_dim, size) + d
+            act += (2 * d + slots * rows + (moe.k * d if ep_size > 1 else 0)) * nm
+            f32 += slots * (2 + (1 if ep_size == 1 else 0)) * nm
         f32 += (5 * moe.num_experts + 2 + (d / 2 if low_precision else 0)) * nm
     if cfg.dropout > 0:
         act += d * (2 * cfg.depth + 1)

@@ -38,10 +38,10 @@ def test_grouped_and_batched_experts_equal_deepspeeds_loop_on_every_filled_slot(
     packed = int(fill.sum()) + 3  # spare rows past the last offset: never multiplied, never read
     dest, offs = moe_layer.pack_slots(fill, packed)
     source = torch.full((packed + 1,), ranks * local * cap).scatter_(0, dest, torch.arange(ranks * local * cap))
-    rows = torch.cat([buf.reshape(-1, d), torch.zeros(1, d)]).index_select(0, source[:-1])
-    out = ex.grouped(rows, offs)
+    out = ex.routed(buf.reshape(-1, d), source[:-1], None, offs)
     filled = fill.reshape(-1).bool()
-    assert _rel(out[dest[filled]], ref.reshape(-1, d)[filled]) < 1e-6
+    assert _rel(out[filled], ref.reshape(-1, d)[filled]) < 1e-6
+    assert torch.equal(out[~filled], torch.zeros_like(out[~filled]))  # an empty slot's output is 0
 
 
 def test_pack_slots_orders_rows_expert_major_then_by_source_rank():

@@ -13,9 +13,12 @@ all-to-all over the fixed [E, C, d] buffers, but:
 * the slots each expert really holds are packed expert-major into one [rows, d] buffer and the local
   experts run as one grouped matmul per projection over those rows (`torch._grouped_mm` with the
   per-expert row offsets as a device tensor): no per-expert Python loop, no multiply of an empty
-  slot. With one expert-parallel rank each route's packed row comes straight from the route counts
-  (`packed_routes`: tokens are gathered into their rows, no slot buffer); with several, the slot occupancy travels with the tokens (a small all-to-all) and the
-  received buffer is packed and unpacked by two gathers.
+  slot. Gather, both projections (biases as a ones column inside the matmuls), GELU and the
+  weighted sum back are one autograd node (`GroupedFFN`). With one expert-parallel rank each route's
+  packed row comes straight from the route counts (`packed_routes`, `row_sources`): the tokens are
+  gathered into their rows and the gate-weighted outputs summed back into the tokens, no slot
+  buffer; with several, the slot occupancy travels with the tokens (a small all-to-all) and the
+  received buffer is gathered into the packed rows and the outputs put back into their slots.
 
 Where the device has no grouped matmul for the dtype (e.g. fp16 on CUDA), the experts fall back to one
 batched matmul over every slot ([local experts, slots, d]: still no loop, but the padding is multiplied).
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import Tensor
@@ -42,7 +46,7 @@ from .routing import Routes
 # The grouped matmuls as custom ops for torch.compile: torch._grouped_mm computes float32 on the CPU,
 # but its meta function (what torch.compile traces with) accepts bf16/fp16 only, so traced code calls
 # it through these ops with their own shape functions; compiled graphs then hold one opaque op per
-# matmul (no graph break). Eager code calls torch._grouped_mm directly (see GroupedLinear).
+# matmul (no graph break). Eager code calls torch._grouped_mm directly (see GroupedFFN).
 
 
 @torch.library.custom_op("ds_widenet::grouped_mm", mutates_args=())
@@ -68,46 +72,85 @@ def _grouped_mm_wgrad_shape(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
     return a.new_empty((offs.shape[0], a.shape[1], g.shape[1]))
 
 
-class GroupedLinear(torch.autograd.Function):
-    """x [N, in] whose rows offs[g-1]:offs[g] belong to group g, through group g's nn.Linear
-    (weights[g] [out, in], biases[g] [out]) -> [N, out]; `expert` [N] is each row's group (G past the
-    last offset: those rows are never multiplied, hold garbage and get no bias; callers never read
-    them).
+def bias_columns(features: int, element_size: int) -> int:
+    """Columns appended to a grouped matmul's input of `features` columns: a ones column (its weight
+    column is the bias) and zero columns up to a 16-byte row (torch._grouped_mm's stride rule)."""
+    p = 1
+    while (features + p) * element_size % 16:
+        p += 1
+    return p
 
-    Why a hand-written autograd.Function rather than a torch.library custom op with a registered
-    autograd (what this was): such an op costs ~150 us of Python dispatch per call on the CPU, three
-    calls per projection (forward, input and weight gradients); at d 128 that was ~11 ms of a ~130 ms
-    WideNet step, more than the matmuls it wraps. In eager mode the Function calls torch._grouped_mm
-    directly; traced by torch.compile (which turns the Function into forward and backward subgraphs)
-    it calls the custom ops above, whose fake functions accept float32.
-    The bias rides inside: added in place in the forward, its gradient a per-group sum of the rows
-    (an index_add into G + 1 rows whose last, the garbage rows' sink, is dropped: a zero-row
-    multiply would turn a garbage NaN into a NaN gradient)."""
+
+def _with_bias(weights: tuple[Tensor, ...], biases: tuple[Tensor, ...], cols: int) -> Tensor:
+    """[G, out, in + cols]: each group's weight, its bias as the next column, zeros after (transient,
+    not saved: WideNet calls its one MoE layer at every depth, a saved stack would cost the expert
+    weights per depth)."""
+    w = torch.stack(weights)
+    parts = [w, torch.stack(biases).unsqueeze(2)]
+    if cols > 1:
+        parts.append(w.new_zeros(w.shape[0], w.shape[1], cols - 1))
+    return torch.cat(parts, 2)
+
+
+class GroupedFFN(torch.autograd.Function):
+    """The local experts' MLPs (fc1, GELU, fc2) over packed rows, gathered from and summed back into
+    `x` [M, d]: packed row r (rows offs[g-1]:offs[g] belong to expert g) holds x[src[r]], and
+    out[m] = sum over the rows r with src[r] == m of w[r] * MLP_g(r)(x[m]) (w None: 1). src[r] == M
+    for a row past the last offset: such rows are never multiplied, hold garbage and land in a
+    discarded sink row (a NaN in them reaches nothing: w is 0 there and the sink is cut off).
+
+    One hand-written autograd node for gather, both projections, activation and weighted scatter-add:
+    at d 128 the per-op cost of the unfused version (gather, bias gather + add per projection, their
+    backward scatters, the combine's copies) was ~2.9 ms of a ~13.8 ms MoE call on the CPU. The
+    biases ride inside the grouped matmuls as a ones column (`bias_columns`), so their gradients are
+    a column of the weight gradient. With one expert-parallel rank M is the tokens and w each route's
+    gate value (dispatch and combine are the gather and the scatter-add); with several, M is the
+    received slot buffer and w is None. Eager code calls torch._grouped_mm directly (a torch.library
+    custom op with a registered autograd costs ~150 us of Python dispatch per call); traced by
+    torch.compile (which turns the Function into forward and backward subgraphs) it calls the custom
+    ops above, whose fake functions accept float32."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, offs: Tensor, expert: Tensor, num_weights: int,  # noqa: ANN001 (ctx)
-                *params: Tensor) -> Tensor:
-        weights, biases = params[:num_weights], params[num_weights:]
-        # the [G, out, in] stack is transient: the parameters are saved, not a copy per call (WideNet
-        # calls its one MoE layer at every depth: a saved stack would cost the expert weights per depth)
-        out = _gmm(x, torch.stack(weights).transpose(1, 2), offs)
-        if biases:
-            b = torch.stack(biases)
-            out = out.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, expert))
-        ctx.save_for_backward(x, offs, expert, *weights)
-        ctx.num_biases = len(biases)
-        return out
+    def forward(ctx, x: Tensor, src: Tensor, w: Optional[Tensor], offs: Tensor,  # noqa: ANN001 (ctx)
+                num_experts: int, approximate: str, *params: Tensor) -> Tensor:
+        g = num_experts
+        w1, b1, w2, b2 = params[:g], params[g:2 * g], params[2 * g:3 * g], params[3 * g:]
+        m, d = x.shape
+        hid = w1[0].shape[0]
+        c_in, c_hid = bias_columns(d, x.element_size()), bias_columns(hid, x.element_size())
+        xa = F.pad(x, (0, c_in, 0, 1), value=1.0).index_select(0, src)  # [rows, d + c_in]; row M: the sink
+        h = _gmm(xa, _with_bias(w1, b1, c_in).transpose(1, 2), offs)
+        a = h.new_empty(h.shape[0], hid + c_hid)  # [GELU(h) | ones]: written once (F.pad would fill it first)
+        a[:, hid:] = 1.0
+        a[:, :hid] = F.gelu(h, approximate=approximate)
+        y = _gmm(a, _with_bias(w2, b2, c_hid).transpose(1, 2), offs)
+        if w is not None:  # float32 gate values: the sum over a token's routes does not round in bf16
+            y_w = y * w.unsqueeze(1)
+            out = y_w.new_zeros(m + 1, d).index_add_(0, src, y_w)
+        else:
+            out = x.new_zeros(m + 1, d).index_add_(0, src, y)
+        ctx.save_for_backward(xa, h, a, y, src, w, offs, *w1, *w2)
+        ctx.dims = (g, approximate, m, d, hid)
+        return out[:m].to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        x, offs, expert, *weights = ctx.saved_tensors
-        grad = grad.contiguous()  # an expanded gradient (e.g. of a sum) has zero strides: refused
-        gx = _gmm(grad, torch.stack(weights), offs) if ctx.needs_input_grad[0] else None
-        gw = _gmm_wgrad(grad, x, offs).unbind(0)  # [G, out, in]: nn.Linear's layout
-        gb: tuple[Tensor, ...] = ()
-        if ctx.num_biases:
-            gb = grad.new_zeros(len(weights) + 1, grad.shape[1]).index_add_(0, expert, grad)[:-1].unbind(0)
-        return (gx, None, None, None, *gw, *gb)
+        g, approximate, m, d, hid = ctx.dims
+        xa, h, a, y, src, w, offs, *weights = ctx.saved_tensors
+        gy = F.pad(grad, (0, 0, 0, 1)).index_select(0, src)  # the sink's rows get a zero gradient
+        gw = None
+        if w is not None:
+            gw = (gy * y).sum(1, dtype=w.dtype) if ctx.needs_input_grad[2] else None
+            gy = gy.mul_(w.unsqueeze(1))
+        gw2 = _gmm_wgrad(a, gy, offs)  # [G, hid + c_hid, d]: weights^T, then the bias row
+        gh = torch.ops.aten.gelu_backward(_gmm(gy, torch.stack(weights[g:]), offs), h, approximate=approximate)
+        gw1 = _gmm_wgrad(xa, gh, offs)  # [G, d + c_in, hid]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = grad.new_zeros(m + 1, d).index_add_(0, src, _gmm(gh, torch.stack(weights[:g]), offs))[:m]
+        return (gx, None, gw, None, None, None,
+                *gw1[:, :d].transpose(1, 2).unbind(0), *gw1[:, d].unbind(0),
+                *gw2[:, :hid].transpose(1, 2).unbind(0), *gw2[:, hid].unbind(0))
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -208,6 +251,18 @@ def packed_routes(indices: Tensor, locations: Tensor, num_experts: int, sink: in
     return (start.index_select(0, e).view_as(idx) + locations), offs.to(torch.int32)
 
 
+def row_sources(rows: Tensor, gates: Tensor, packed_rows: int) -> tuple[Tensor, Tensor]:
+    """Routes' packed rows [k, S] (`packed_rows` for a dropped one) -> each packed row's token ([rows],
+    S for a row no route fills) and gate value ([rows], 0 there; differentiable in `gates`)."""
+    s = rows.shape[1]
+    flat = rows.reshape(-1)
+    tokens = torch.arange(s, device=rows.device).expand_as(rows).reshape(-1)
+    src = torch.full((packed_rows + 1,), s, dtype=torch.long, device=rows.device).scatter_(0, flat, tokens)
+    # a dropped route's gate value (0) goes to the sink entry, cut off
+    weight = gates.new_zeros(packed_rows + 1).scatter(0, flat, gates.reshape(-1))
+    return src[:-1], weight[:-1]
+
+
 def route_slots(indices: Tensor, locations: Tensor, capacity: int, num_experts: int) -> Tensor:
     """Each route's flat slot e * C + location in the [E * C] buffer; E * C (a scratch slot) for a
     route dropped by capacity or masked as padding (expert index -1)."""
@@ -268,18 +323,17 @@ class GroupedExperts(Experts):
     def _act(self, h: Tensor) -> Tensor:
         return dsi.experts_modules(self)[0].act(h)
 
-    def grouped(self, rows: Tensor, offs: Tensor) -> Tensor:
-        """Packed rows [N, d] (local expert j owns rows offs[j-1]:offs[j]) -> [N, d]. The rows past
-        offs[-1] are never multiplied and hold garbage (uninitialised memory): callers never read them,
-        and their bias index is a zero row of its own, so in the backward nothing they hold (a NaN
-        times a zero gradient) reaches a parameter's gradient."""
+    def routed(self, x: Tensor, src: Tensor, weight: Optional[Tensor], offs: Tensor) -> Tensor:
+        """x [M, d] -> [M, d] through the packed rows (see GroupedFFN): packed row r (local expert j
+        owns rows offs[j-1]:offs[j]) takes x[src[r]] (src[r] == M: an unused row) and its output,
+        times weight[r] (None: 1), is summed into row src[r]; a row of x no packed row takes is 0."""
         fc1, fc2 = self._linears("fc1"), self._linears("fc2")
-        # Each row's expert (len(experts) past the last offset: the discarded bias row).
-        expert = torch.searchsorted(offs, torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32),
-                                    right=True)
-        h = GroupedLinear.apply(rows, offs, expert, len(fc1), *[m.weight for m in fc1], *[m.bias for m in fc1])
-        return GroupedLinear.apply(self._act(h), offs, expert, len(fc2), *[m.weight for m in fc2],
-                                   *[m.bias for m in fc2])
+        act = dsi.experts_modules(self)[0].act
+        if not isinstance(act, torch.nn.GELU):  # the Function's backward is GELU's
+            raise TypeError(f"GroupedExperts runs Mlp experts with nn.GELU; got {type(act).__name__}")
+        return GroupedFFN.apply(x, src, weight, offs, len(fc1), act.approximate,
+                                *[m.weight for m in fc1], *[m.bias for m in fc1],
+                                *[m.weight for m in fc2], *[m.bias for m in fc2])
 
     def padded(self, buf: Tensor) -> Tensor:
         """[ranks, L, C, d] -> the same shape, every slot multiplied: one batched matmul per projection."""
@@ -314,10 +368,11 @@ class SparseMoELayer(MOELayer):
         grouped = grouped_mm_available(x.device.type, x.dtype)
         # every slot past the k routes of each source rank's tokens is empty: the packed buffer stops there
         packed_rows = ranks * min(local * cap, r.indices.numel())
-        if ranks == 1 and grouped:  # tokens go straight to their packed row
+        if ranks == 1 and grouped:  # tokens go straight to their packed row, outputs straight back
             rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows)
-            out = self.experts.grouped(dispatch(tokens, rows, packed_rows), offs)
-            return MoELayerOutput(combine(out, rows, r.gates, tokens.shape[0]).reshape(x.shape), r)
+            src, weight = row_sources(rows, r.gates, packed_rows)
+            out = self.experts.routed(tokens, src, weight, offs)
+            return MoELayerOutput(out.reshape(x.shape), r)
         slots = route_slots(r.indices, r.locations, cap, num_experts)
         fill = occupancy(slots, num_experts * cap)
         buf = dispatch(tokens, slots, num_experts * cap).view(num_experts, cap, d)
@@ -330,9 +385,7 @@ class SparseMoELayer(MOELayer):
             rows = ranks * local * cap
             source = torch.full((packed_rows + 1,), rows, dtype=torch.long, device=x.device).scatter_(
                 0, dest, torch.arange(rows, device=x.device))
-            flat = torch.cat([buf.reshape(rows, d), buf.new_zeros(1, d)])
-            out = self.experts.grouped(flat.index_select(0, source[:-1]), offs)
-            out = torch.cat([out, out.new_zeros(1, d)]).index_select(0, dest)
+            out = self.experts.routed(buf.reshape(rows, d), source[:-1], None, offs)
         else:
             out = self.experts.padded(buf)
         out = out.reshape(num_experts, cap, d)
