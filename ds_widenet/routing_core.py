@@ -71,6 +71,14 @@ def sum_z_loss(routing: list[RoutingStats]) -> Optional[Tensor]:
     return torch.stack(zs).sum() if zs else None
 
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """fp32 router logits [S, E] of tokens x [S, d] and a gate matrix [E, d], stored expert-major (an
+    [E, S] matrix, returned transposed): the routing's softmax and top-k, the entropy and the noise add
+    then run over the experts across contiguous tokens with no copy (over the last dim of a contiguous
+    [S, E] the CPU kernels are ~20x slower at E = 4), and the matmul is [E, d] x [d, S]."""
+    return weight.float().mm(x.float().t()).t()
+
+
 def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
                   used_token: Optional[Tensor], drop_tokens: bool,
                   ep_group: Optional[torch.distributed.ProcessGroup] = None, priority: bool = False):
@@ -87,7 +95,9 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     # rows of tokens; over the last dim of [S, E] the CPU kernels are ~20x slower at E = 4.
     probs = F.softmax(logits.t().contiguous(), dim=0)  # [E, S]
     top_gates, idx = probs.topk(k, dim=0)  # [k, S]: the k choices as one block (no Python loop over them)
-    mask = F.one_hot(idx, num_experts)  # [k, S, E]
+    # [k, S, E] one-hot (a scatter: F.one_hot also checks the index range, a reduction over idx)
+    mask = torch.zeros(k, num_tokens, num_experts, dtype=torch.long, device=logits.device).scatter_(
+        2, idx.unsqueeze(2), 1)
     if used_token is None:
         n_used = torch.full((), float(num_tokens), device=logits.device)
         me = probs.mean(1)
@@ -136,9 +146,9 @@ def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_ca
     (row e is e where expert e took the token, else -1), locations [E, S] (the token's place among
     the expert's C), gates [E, S] (its gate value, 0 where not taken); l_aux is 0 (no balance loss)."""
     num_tokens, num_experts = logits.shape
-    probs = F.softmax(logits, dim=1)
+    probs = F.softmax(logits.t(), dim=0)  # [E, S] (see router_logits)
     capacity = min(num_tokens, max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity))
-    scores = probs.t().detach().nan_to_num(nan=-1.0)  # [E, S]; a NaN would sort first
+    scores = probs.detach().nan_to_num(nan=-1.0)  # a NaN would sort first
     if used_token is not None:
         used = used_token.reshape(1, -1).bool()
         scores = torch.where(used, scores, torch.full_like(scores, -1.0))  # padding sorts last
@@ -152,7 +162,7 @@ def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_ca
     indices = torch.where(taken, experts, torch.full_like(experts, -1)).to(torch.int32)
     locations = torch.where(taken, loc, torch.zeros_like(loc)).to(torch.int32)
     l_aux = logits.new_zeros(())
-    return l_aux, capacity, num_experts, indices, locations, probs.t() * taken, taken.sum(1).detach()
+    return l_aux, capacity, num_experts, indices, locations, probs * taken, taken.sum(1).detach()
 
 
 def router_z_loss(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:

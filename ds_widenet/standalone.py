@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig, MoEConfig
 from .routing_core import (ModelOutput, RoutingStats, expert_choice_routing, paper_routing, router_entropy,
-                           router_z_loss, stats_from_routes, sum_z_loss)
+                           router_logits, router_z_loss, stats_from_routes, sum_z_loss)
 
 LN_EPS = 1e-6  # every LayerNorm of the DeepSpeed models (and timm's ViT default)
 
@@ -176,7 +176,8 @@ class MoE(nn.Module):
         if self.num_depths > 1:
             e = self.cfg.num_experts
             w = w[depth * e:(depth + 1) * e]
-        return F.linear(x.float(), w.float())
+        # as the training gate computes them: PaperGate expert-major, DeepSpeed's TopKGate F.linear
+        return router_logits(x, w) if self.cfg.paper_gate else F.linear(x.float(), w.float())
 
     def routes(self, logits: Tensor, used_token: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(l_aux, expert ids [k, S] (-1 = not routed), gate values [k, S] (0 where not routed)); with

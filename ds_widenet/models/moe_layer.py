@@ -121,8 +121,8 @@ class GroupedFFN(torch.autograd.Function):
         xa = F.pad(x, (0, c_in, 0, 1), value=1.0).index_select(0, src)  # [rows, d + c_in]; row M: the sink
         h = _gmm(xa, _with_bias(w1, b1, c_in).transpose(1, 2), offs)
         a = h.new_empty(h.shape[0], hid + c_hid)  # [GELU(h) | ones]: written once (F.pad would fill it first)
-        a[:, hid:] = 1.0
         a[:, :hid] = F.gelu(h, approximate=approximate)
+        a[:, hid:].fill_(1.0)  # after the copy: these bytes share cache lines with it
         y = _gmm(a, _with_bias(w2, b2, c_hid).transpose(1, 2), offs)
         if w is not None:  # float32 gate values: the sum over a token's routes does not round in bf16
             y_w = y * w.unsqueeze(1)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import rng
 from ..routing_core import (RouteKey, RoutingStats, expert_choice_routing, paper_routing,  # noqa: F401
-                            router_entropy, router_z_loss, stats_from_routes)
+                            router_entropy, router_logits, router_z_loss, stats_from_routes)
 
 NoiseSource = Callable[[torch.Size, int, Optional[RouteKey], torch.device], Tensor]
 
@@ -125,14 +125,14 @@ class PaperGate(TopKGate):
         w = self.wg.weight
         if self.num_depths > 1:
             w = w[depth * e:(depth + 1) * e]  # slice before the cast: only this depth's matrix
-        return F.linear(x.float(), w.float())
+        return router_logits(x, w)
 
     def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
                 key: Optional[RouteKey] = None) -> Routes:
         logits = self.logits(input, depth)
         z = router_z_loss(logits, used_token) if self.z_loss else None  # of the logits before the noise
-        if self.training and self.noise_std > 0:
-            logits = logits + self.noise_std * self.noise_source(logits.shape, depth, key, logits.device)
+        if self.training and self.noise_std > 0:  # one op, in the logits' expert-major layout
+            logits = torch.add(logits, self.noise_source(logits.shape, depth, key, logits.device), alpha=self.noise_std)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.expert_choice:
             l_aux, capacity, _, indices, locations, gates, _ = expert_choice_routing(
