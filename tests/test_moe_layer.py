@@ -38,10 +38,21 @@ def test_grouped_and_batched_experts_equal_deepspeeds_loop_on_every_filled_slot(
     packed = int(fill.sum()) + 3  # spare rows past the last offset: never multiplied, never read
     dest, offs = moe_layer.pack_slots(fill, packed)
     source = torch.full((packed + 1,), ranks * local * cap).scatter_(0, dest, torch.arange(ranks * local * cap))
-    out = ex.routed(buf.reshape(-1, d), source[:-1], None, offs)
+    x = buf.reshape(-1, d).requires_grad_()
+    out = ex.routed(x, source[:-1], None, offs)
     filled = fill.reshape(-1).bool()
     assert _rel(out[filled], ref.reshape(-1, d)[filled]) < 1e-6
     assert torch.equal(out[~filled], torch.zeros_like(out[~filled]))  # an empty slot's output is 0
+    # the hand-written backward: the gradients of every expert parameter and of the filled slots equal
+    # autograd's through DeepSpeed's loop (the spare rows' garbage reaches none of them)
+    probe = torch.randn(ranks * local * cap, d) * filled.unsqueeze(1)
+    got = torch.autograd.grad((out * probe).sum(), [x, *ex.parameters()])
+    xr = buf.detach().requires_grad_()
+    want = torch.autograd.grad((Experts.forward(ex, xr).reshape(-1, d) * probe).sum(), [xr, *ex.parameters()])
+    assert _rel(got[0].reshape(-1, d)[filled], want[0].reshape(-1, d)[filled]) < 1e-6
+    assert torch.equal(got[0][~filled], torch.zeros_like(got[0][~filled]))
+    for a, b in zip(got[1:], want[1:]):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
 
 
 def test_pack_slots_orders_rows_expert_major_then_by_source_rank():

@@ -137,7 +137,9 @@ class GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         g, approximate, m, d, hid = ctx.dims
         xa, h, a, y, src, w, offs, *weights = ctx.saved_tensors
-        gy = F.pad(grad, (0, 0, 0, 1)).index_select(0, src)  # the sink's rows get a zero gradient
+        # a row past the last offset takes any token's gradient (the last): it reaches no parameter (the
+        # grouped matmuls stop at the offset) and no gate (w is 0 there; with w None it has no gate)
+        gy = grad.index_select(0, src.clamp(max=m - 1))
         gw = None
         if w is not None:
             gw = (gy * y).sum(1, dtype=w.dtype) if ctx.needs_input_grad[2] else None
