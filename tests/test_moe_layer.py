@@ -2,6 +2,8 @@
 per-route reference (forward and gradients), and DeepSpeed's parameter names and marks are kept."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -153,3 +155,42 @@ def test_deepspeeds_parameter_names_and_expert_marks_are_kept():
     for n, p in ffn.named_parameters():
         assert getattr(p, "allreduce", True) == ("deepspeed_experts" not in n), n
     assert isinstance(ffn.moe.deepspeed_moe, moe_layer.SparseMoELayer)
+
+
+def test_widenet_stacks_its_expert_weights_once_per_forward(monkeypatch: pytest.MonkeyPatch):
+    """The shared MoE layer runs at every depth with the same weights: with the forward's key the
+    stacked weights are built once (a new key, the next forward, builds them again after the weights
+    changed), and the result is bit for bit that of building them at every call (without a key)."""
+    from ds_widenet.models import build_model
+    from ds_widenet.config import ModelConfig
+
+    cfg = ModelConfig(arch="widenet", img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=3,
+                      num_heads=2, mlp_dim=16, moe=MoEConfig(num_experts=4, k=2, expert_dim=16), pool="avg")
+    model = build_model(cfg).train()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    built = []
+    real = moe_layer.with_bias
+    monkeypatch.setattr(moe_layer, "with_bias", lambda *a: built.append(1) or real(*a))
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(x, sample_ids=torch.arange(2), step=3, seed=0, **kw)
+        (out.logits.sum() + out.aux_loss).backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    logits, g = grads()
+    assert len(built) == 2  # fc1's and fc2's stacks, once for the 3 depths
+    saved = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    logits_next, _ = grads()
+    assert len(built) == 4 and not torch.equal(logits, logits_next)  # a new key: the new weights
+    model.load_state_dict(saved)
+    # every call building its own stacks (no key for them)
+    real_routed = moe_layer.GroupedExperts.routed
+    monkeypatch.setattr(moe_layer.GroupedExperts, "routed",
+                        lambda self, x, src, w, offs, key=None: real_routed(self, x, src, w, offs, None))
+    logits2, g2 = grads()
+    assert len(built) == 4 + 2 * 3
+    assert torch.equal(logits, logits2) and all(torch.equal(a, b) for a, b in zip(g, g2))

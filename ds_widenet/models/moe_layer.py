@@ -81,15 +81,17 @@ def bias_columns(features: int, element_size: int) -> int:
     return p
 
 
-def _with_bias(weights: tuple[Tensor, ...], biases: tuple[Tensor, ...], cols: int) -> Tensor:
-    """[G, out, in + cols]: each group's weight, its bias as the next column, zeros after (transient,
-    not saved: WideNet calls its one MoE layer at every depth, a saved stack would cost the expert
-    weights per depth)."""
-    w = torch.stack(weights)
-    parts = [w, torch.stack(biases).unsqueeze(2)]
-    if cols > 1:
-        parts.append(w.new_zeros(w.shape[0], w.shape[1], cols - 1))
-    return torch.cat(parts, 2)
+def with_bias(weights: list[Tensor], biases: list[Tensor], element_size: int) -> Tensor:
+    """[G, out, in + c]: each group's nn.Linear weight, its bias as the next column, zeros after (the
+    c = bias_columns(in) columns that the inputs carry as ones and zeros). No gradient: GroupedFFN
+    computes the parameters' gradients itself."""
+    with torch.no_grad():
+        w = torch.stack(weights)
+        parts = [w, torch.stack(biases).unsqueeze(2)]
+        cols = bias_columns(w.shape[2], element_size)
+        if cols > 1:
+            parts.append(w.new_zeros(w.shape[0], w.shape[1], cols - 1))
+        return torch.cat(parts, 2)
 
 
 class GroupedFFN(torch.autograd.Function):
@@ -112,24 +114,27 @@ class GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, src: Tensor, w: Optional[Tensor], offs: Tensor,  # noqa: ANN001 (ctx)
-                num_experts: int, approximate: str, *params: Tensor) -> Tensor:
-        g = num_experts
-        w1, b1, w2, b2 = params[:g], params[g:2 * g], params[2 * g:3 * g], params[3 * g:]
+                w1: Tensor, w2: Tensor, approximate: str, *params: Tensor) -> Tensor:
+        # w1 [G, hid, d + c_in], w2 [G, d, hid + c_hid]: with_bias of the parameters `params` (fc1
+        # weights, fc1 biases, fc2 weights, fc2 biases; given for their gradients)
         m, d = x.shape
-        hid = w1[0].shape[0]
-        c_in, c_hid = bias_columns(d, x.element_size()), bias_columns(hid, x.element_size())
+        hid = w1.shape[1]
+        c_in = w1.shape[2] - d
         xa = F.pad(x, (0, c_in, 0, 1), value=1.0).index_select(0, src)  # [rows, d + c_in]; row M: the sink
-        h = _gmm(xa, _with_bias(w1, b1, c_in).transpose(1, 2), offs)
-        a = h.new_empty(h.shape[0], hid + c_hid)  # [GELU(h) | ones]: written once (F.pad would fill it first)
-        a[:, :hid] = F.gelu(h, approximate=approximate)
+        h = _gmm(xa, w1.transpose(1, 2), offs)
+        a = h.new_empty(h.shape[0], w2.shape[2])  # [GELU(h) | ones]: written once (F.pad would fill it first)
+        a[:, :hid] = F.gelu(h, approximate=approximate)  # (torch 2.14's gelu(out=) ignores a strided out)
         a[:, hid:].fill_(1.0)  # after the copy: these bytes share cache lines with it
-        y = _gmm(a, _with_bias(w2, b2, c_hid).transpose(1, 2), offs)
+        y = _gmm(a, w2.transpose(1, 2), offs)
         if w is not None:  # float32 gate values: the sum over a token's routes does not round in bf16
             y_w = y * w.unsqueeze(1)
             out = y_w.new_zeros(m + 1, d).index_add_(0, src, y_w)
         else:
             out = x.new_zeros(m + 1, d).index_add_(0, src, y)
-        ctx.save_for_backward(xa, h, a, y, src, w, offs, *w1, *w2)
+        # the parameters, not the stacks: saved stacks would be activation memory (a copy of the expert
+        # weights per forward, per depth without a key); the backward stacks the weights it needs again
+        g = len(params) // 4
+        ctx.save_for_backward(xa, h, a, y, src, w, offs, *params[:g], *params[2 * g:3 * g])
         ctx.dims = (g, approximate, m, d, hid)
         return out[:m].to(x.dtype)
 
@@ -150,7 +155,7 @@ class GroupedFFN(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             gx = grad.new_zeros(m + 1, d).index_add_(0, src, _gmm(gh, torch.stack(weights[:g]), offs))[:m]
-        return (gx, None, gw, None, None, None,
+        return (gx, None, gw, None, None, None, None,
                 *gw1[:, :d].transpose(1, 2).unbind(0), *gw1[:, d].unbind(0),
                 *gw2[:, :hid].transpose(1, 2).unbind(0), *gw2[:, hid].unbind(0))
 
@@ -325,17 +330,27 @@ class GroupedExperts(Experts):
     def _act(self, h: Tensor) -> Tensor:
         return dsi.experts_modules(self)[0].act(h)
 
-    def routed(self, x: Tensor, src: Tensor, weight: Optional[Tensor], offs: Tensor) -> Tensor:
+    def routed(self, x: Tensor, src: Tensor, weight: Optional[Tensor], offs: Tensor,
+               key: Optional[RouteKey] = None) -> Tensor:
         """x [M, d] -> [M, d] through the packed rows (see GroupedFFN): packed row r (local expert j
         owns rows offs[j-1]:offs[j]) takes x[src[r]] (src[r] == M: an unused row) and its output,
-        times weight[r] (None: 1), is summed into row src[r]; a row of x no packed row takes is 0."""
+        times weight[r] (None: 1), is summed into row src[r]; a row of x no packed row takes is 0.
+        With the forward's `key`, the stacked weights are built once per forward (WideNet calls this
+        layer at every depth with the same weights) and kept on key.memo until the key is dropped."""
         fc1, fc2 = self._linears("fc1"), self._linears("fc2")
         act = dsi.experts_modules(self)[0].act
         if not isinstance(act, torch.nn.GELU):  # the Function's backward is GELU's
             raise TypeError(f"GroupedExperts runs Mlp experts with nn.GELU; got {type(act).__name__}")
-        return GroupedFFN.apply(x, src, weight, offs, len(fc1), act.approximate,
-                                *[m.weight for m in fc1], *[m.bias for m in fc1],
-                                *[m.weight for m in fc2], *[m.bias for m in fc2])
+        params = [m.weight for m in fc1] + [m.bias for m in fc1] + [m.weight for m in fc2] + [m.bias for m in fc2]
+        slot = ("expert_weights", id(self), x.dtype, str(x.device))
+        stacks = None if key is None or torch.compiler.is_compiling() else key.memo.get(slot)
+        if stacks is None:
+            size = x.element_size()
+            stacks = (with_bias(params[:len(fc1)], params[len(fc1):2 * len(fc1)], size),
+                      with_bias(params[2 * len(fc1):3 * len(fc1)], params[3 * len(fc1):], size))
+            if key is not None and not torch.compiler.is_compiling():
+                key.memo[slot] = stacks
+        return GroupedFFN.apply(x, src, weight, offs, *stacks, act.approximate, *params)
 
     def padded(self, buf: Tensor) -> Tensor:
         """[ranks, L, C, d] -> the same shape, every slot multiplied: one batched matmul per projection."""
@@ -373,7 +388,7 @@ class SparseMoELayer(MOELayer):
         if ranks == 1 and grouped:  # tokens go straight to their packed row, outputs straight back
             rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows)
             src, weight = row_sources(rows, r.gates, packed_rows)
-            out = self.experts.routed(tokens, src, weight, offs)
+            out = self.experts.routed(tokens, src, weight, offs, key)
             return MoELayerOutput(out.reshape(x.shape), r)
         slots = route_slots(r.indices, r.locations, cap, num_experts)
         fill = occupancy(slots, num_experts * cap)
@@ -387,7 +402,7 @@ class SparseMoELayer(MOELayer):
             rows = ranks * local * cap
             source = torch.full((packed_rows + 1,), rows, dtype=torch.long, device=x.device).scatter_(
                 0, dest, torch.arange(rows, device=x.device))
-            out = self.experts.routed(buf.reshape(rows, d), source[:-1], None, offs)
+            out = self.experts.routed(buf.reshape(rows, d), source[:-1], None, offs, key)
         else:
             out = self.experts.padded(buf)
         out = out.reshape(num_experts, cap, d)
