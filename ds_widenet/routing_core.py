@@ -187,9 +187,11 @@ def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tenso
 
 def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
                       used_token: Optional[Tensor], entropy: Optional[Tensor] = None,
-                      z_loss: Optional[Tensor] = None, expert_choice: bool = False) -> RoutingStats:
+                      z_loss: Optional[Tensor] = None, expert_choice: bool = False,
+                      counts: Optional[Tensor] = None) -> RoutingStats:
     """Per-depth statistics from the gate's sparse routes ([k, S] expert ids, -1 = not routed; with
-    expert choice [E, S], see RoutingStats)."""
+    expert choice [E, S], see RoutingStats); `counts` [E], the routes each expert keeps where the
+    router has them (padding excluded), spares counting them from the indices."""
     k, s = indices.shape
     idx = indices.long()
     if used_token is not None:
@@ -199,14 +201,15 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
     else:
         n_tokens = torch.full((), s, dtype=torch.long, device=idx.device)
     n_routes = n_tokens * k
-    kept = idx >= 0
-    # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
-    expert_tokens = torch.zeros(num_experts, device=idx.device).index_add_(
-        0, idx.clamp(min=0).flatten(), kept.flatten().float())
+    if counts is not None:
+        expert_tokens = counts.float()
+    else:  # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
+        expert_tokens = torch.zeros(num_experts, device=idx.device).index_add_(
+            0, idx.clamp(min=0).flatten(), (idx >= 0).flatten().float())
     if expert_choice:  # a token is dropped when no expert took it (padding is never taken: not counted)
-        dropped = 1.0 - kept.any(0).sum().float() / n_tokens.clamp(min=1).float()
+        dropped = 1.0 - (idx >= 0).any(0).sum().float() / n_tokens.clamp(min=1).float()
     else:
-        dropped = 1.0 - kept.sum().float() / n_routes.clamp(min=1).float()
+        dropped = 1.0 - expert_tokens.sum() / n_routes.clamp(min=1).float()
     return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
                         expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
                         entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach(),

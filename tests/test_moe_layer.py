@@ -13,6 +13,7 @@ from ds_widenet.config import MoEConfig
 from ds_widenet.models import moe_layer
 from ds_widenet.models.layers import MoEFFN, Mlp
 from ds_widenet.models.routing import RouteKey
+from ds_widenet.routing_core import stats_from_routes
 
 
 def _experts(local: int = 3, dim: int = 8, hidden: int = 12) -> moe_layer.GroupedExperts:
@@ -83,6 +84,16 @@ def test_packed_routes_are_pack_slots_rows_for_every_router(router: str, cf: flo
         want = torch.cat([dest, dest.new_full((1,), sink)]).index_select(0, slots.reshape(-1)).view(r.indices.shape)
         rows, offs2 = moe_layer.packed_routes(r.indices, r.locations, e, sink)
         assert torch.equal(rows, want) and torch.equal(offs2, offs), (router, cf, training)
+        # the router's own counts (paper gates: no recount) are the routes each expert keeps
+        counted = torch.stack([(r.indices == j).sum() for j in range(e)])
+        assert (r.counts is None) == (router == "deepspeed") and (r.counts is None or torch.equal(r.counts, counted))
+        if r.counts is not None:
+            assert all(torch.equal(a, b) for a, b in zip(
+                moe_layer.packed_routes(r.indices, r.locations, e, sink, r.counts), (rows, offs2)))
+            with_counts, recounted = (stats_from_routes(r.aux_loss, r.indices, e, 4, used, expert_choice=r.expert_choice,
+                                                        counts=c) for c in (r.counts, None))
+            assert torch.equal(with_counts.expert_tokens, recounted.expert_tokens)
+            assert torch.equal(with_counts.dropped, recounted.dropped)
 
 
 def _layer(ep_cf: float = 1.2, experts: int = 4, router: str = "paper") -> MoEFFN:

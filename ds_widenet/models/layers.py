@@ -121,7 +121,7 @@ class MoEFFN(nn.Module):
         res = dsi.moe_layer(self.moe)(x, used_token, depth, key)
         r = res.routes
         stats = stats_from_routes(r.aux_loss, r.indices, self.cfg.num_experts, x.shape[0], used_token, r.entropy,
-                                  r.z_loss, r.expert_choice)
+                                  r.z_loss, r.expert_choice, r.counts)
         return _dropout(res.output, self.dropout, self.training, key, depth, rng.SITE_FFN_DROP), r.aux_loss, stats
 
     @torch.no_grad()

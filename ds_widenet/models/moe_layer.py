@@ -244,7 +244,8 @@ def pack_slots(fill: Tensor, packed_rows: int) -> tuple[Tensor, Tensor]:
     return dest, offs
 
 
-def packed_routes(indices: Tensor, locations: Tensor, num_experts: int, sink: int) -> tuple[Tensor, Tensor]:
+def packed_routes(indices: Tensor, locations: Tensor, num_experts: int, sink: int,
+                  counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """With one expert-parallel rank: each route's row in the expert-major packed buffer ([k, S] long,
     `sink` for a route dropped or masked, index -1) and `offs` [E] int32 (cumulative rows per expert).
     Every router here keeps an expert's routes at locations 0..n_e-1 (its queue positions below the
@@ -252,9 +253,11 @@ def packed_routes(indices: Tensor, locations: Tensor, num_experts: int, sink: in
     layout from the route counts, in a third of its ops (the occupancy map is not needed)."""
     idx = indices.long()
     e = torch.where(idx >= 0, idx, torch.full_like(idx, num_experts)).reshape(-1)
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).index_add_(0, e, torch.ones_like(e))
-    offs = counts[:num_experts].cumsum(0)
-    start = torch.cat([offs - counts[:num_experts], offs.new_full((1,), sink)])  # the sink's location is 0
+    if counts is None:  # the routes each expert keeps (the router's Routes.counts, where it has them)
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).index_add_(
+            0, e, torch.ones_like(e))[:num_experts]
+    offs = counts.cumsum(0)
+    start = torch.cat([offs - counts, offs.new_full((1,), sink)])  # the sink's location is 0
     return (start.index_select(0, e).view_as(idx) + locations), offs.to(torch.int32)
 
 
@@ -386,7 +389,7 @@ class SparseMoELayer(MOELayer):
         # every slot past the k routes of each source rank's tokens is empty: the packed buffer stops there
         packed_rows = ranks * min(local * cap, r.indices.numel())
         if ranks == 1 and grouped:  # tokens go straight to their packed row, outputs straight back
-            rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows)
+            rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows, r.counts)
             src, weight = row_sources(rows, r.gates, packed_rows)
             out = self.experts.routed(tokens, src, weight, offs, key)
             return MoELayerOutput(out.reshape(x.shape), r)

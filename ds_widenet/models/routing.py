@@ -86,7 +86,9 @@ class KeyedRouterNoise:
 class Routes:
     """What a gate decides for one call: balance loss, capacity C (slots per expert), and per route
     ([k, S]; [E, S] with expert choice) the expert (-1: not routed), its slot in that expert and its
-    gate value; the router entropy and z-loss of the call (see routing_core.RoutingStats)."""
+    gate value; the router entropy and z-loss of the call (see routing_core.RoutingStats); `counts`
+    [E] int64, the routes each expert keeps, where the router has them at no cost (PaperGate's: the
+    packing and the statistics then need not count the indices again)."""
 
     aux_loss: Tensor
     capacity: int
@@ -96,6 +98,7 @@ class Routes:
     entropy: Optional[Tensor]
     z_loss: Optional[Tensor] = None
     expert_choice: bool = False
+    counts: Optional[Tensor] = None
 
 
 class PaperGate(TopKGate):
@@ -134,14 +137,15 @@ class PaperGate(TopKGate):
         if self.training and self.noise_std > 0:  # one op, in the logits' expert-major layout
             logits = torch.add(logits, self.noise_source(logits.shape, depth, key, logits.device), alpha=self.noise_std)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        if self.expert_choice:
-            l_aux, capacity, _, indices, locations, gates, _ = expert_choice_routing(
+        if self.expert_choice:  # its counts are the routes kept
+            l_aux, capacity, _, indices, locations, gates, counts = expert_choice_routing(
                 logits, self.k, cf, self.min_capacity, used_token)
-        else:
-            l_aux, capacity, _, indices, locations, gates, _ = paper_routing(
+        else:  # its counts are the routes queued (padding excluded): each expert keeps the first C
+            l_aux, capacity, _, indices, locations, gates, counts = paper_routing(
                 logits, self.k, cf, self.min_capacity, used_token, self.drop_tokens, self.ep_group, self.priority)
+            counts = counts.clamp(max=capacity)
         return Routes(l_aux, capacity, indices, locations, gates, router_entropy(logits, used_token), z,
-                      self.expert_choice)
+                      self.expert_choice, counts)
 
 
 class DeepSpeedGate(TopKGate):
