@@ -90,6 +90,36 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     the token order, or with `priority` (V-MoE's Batch Prioritized Routing, router="bpr") the order
     of the tokens' top gate values, highest first (ties in token order): when an expert is full, the
     tokens its router was least sure of are the ones dropped."""
+    r = _paper_routes(logits, k, capacity_factor, min_capacity, used_token, drop_tokens, ep_group, priority)
+    return r.l_aux, r.capacity, logits.shape[1], r.indices, r.locations, r.gates, r.counts
+
+
+def paper_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert with drop_tokens: ceil(k * S / E * cf), at least min_capacity."""
+    return max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity)
+
+
+@dataclass
+class _PaperRoutes:
+    """paper_routing's result and what its gradient needs: probs [E, S] (the softmax), idx [k, S] (the
+    chosen experts, long), kept [k, S] (bool), ce [E] (the balance loss's route fractions)."""
+
+    l_aux: Tensor
+    capacity: int
+    indices: Tensor
+    locations: Tensor
+    gates: Tensor
+    counts: Tensor
+    probs: Tensor
+    idx: Tensor
+    kept: Tensor
+    ce: Tensor
+    n_used: Tensor
+
+
+def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
+                  used_token: Optional[Tensor], drop_tokens: bool,
+                  ep_group: Optional[torch.distributed.ProcessGroup], priority: bool) -> _PaperRoutes:
     num_tokens, num_experts = logits.shape
     # The softmax and top-k run on the [E, S] layout: over the experts (a short dim) across contiguous
     # rows of tokens; over the last dim of [S, E] the CPU kernels are ~20x slower at E = 4.
@@ -111,7 +141,7 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     exp_counts = mask.sum((0, 1)).detach()
 
     if drop_tokens:
-        capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity)
+        capacity = paper_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
     else:
         cap = exp_counts.max().clone()
         if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:
@@ -133,7 +163,52 @@ def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
         kept &= mask.sum(-1) > 0
     indices = torch.where(kept, idx, -1).to(torch.int32)
     locations = torch.where(kept, loc_s, 0).to(torch.int32)
-    return l_aux, capacity, num_experts, indices, locations, top_gates * kept, exp_counts
+    return _PaperRoutes(l_aux, capacity, indices, locations, top_gates * kept, exp_counts, probs, idx, kept, ce,
+                        n_used)
+
+
+class PaperRouter(torch.autograd.Function):
+    """The paper gate's training routing with drop_tokens as one autograd node: the logits
+    (router_logits), the noise added, and paper_routing, with a hand-written backward from the gate
+    values and the balance loss through the softmax to the tokens and the gate matrix.
+
+    Why: traced by autograd the same routing is ~15 small nodes per call (the logits' matmul and
+    transposes, the noise add, softmax, top-k, the balance loss's mean, products and sum, the gate
+    values' product); at d 128 on the CPU each costs more in the engine than in its kernel. The forward
+    is paper_routing's code, so the decisions are those of the reference; the gradients equal
+    autograd's through it to rounding (tests/test_routers.py).
+
+    apply(x [S, d], weight [E, d], noise [S, E] or None, noise_std, k, capacity_factor, min_capacity,
+    used_token or None, priority) -> (l_aux, gates [k, S], indices, locations, counts, entropy); the
+    last four carry no gradient, and the capacity is paper_capacity's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, noise: Optional[Tensor], noise_std: float, k: int,  # noqa: ANN001
+                capacity_factor: float, min_capacity: int, used_token: Optional[Tensor], priority: bool):
+        logits = router_logits(x, weight)
+        if noise is not None:
+            logits = torch.add(logits, noise, alpha=noise_std)
+        r = _paper_routes(logits, k, capacity_factor, min_capacity, used_token, True, None, priority)
+        used = None if used_token is None else used_token.reshape(-1).float()
+        # d l_aux / d probs[e, s] = E * ce[e] * used[s] / n_used (the balance loss is linear in probs)
+        ctx.save_for_backward(x, weight, r.probs, r.idx, r.kept, r.ce * (logits.shape[1] / r.n_used), used)
+        entropy = router_entropy(logits, used_token)
+        ctx.mark_non_differentiable(r.indices, r.locations, r.counts, entropy)
+        return r.l_aux, r.gates, r.indices, r.locations, r.counts, entropy
+
+    @staticmethod
+    def backward(ctx, g_aux: Optional[Tensor], g_gates: Optional[Tensor], *_: Optional[Tensor]):  # noqa: ANN001, ANN205
+        x, weight, probs, idx, kept, daux_dprobs, used = ctx.saved_tensors
+        gp = torch.zeros_like(probs)
+        if g_gates is not None:  # gates[j, s] = probs[idx[j, s], s] where kept (distinct experts per token)
+            gp.scatter_(0, idx, g_gates.float() * kept)
+        if g_aux is not None:
+            da = (daux_dprobs * g_aux).unsqueeze(1)
+            gp += da if used is None else da * used
+        gl = (gp - (probs * gp).sum(0, keepdim=True)).mul_(probs)  # the softmax's backward: [E, S]
+        gx = gl.t().mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = gl.mm(x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None, None, None, None, None
 
 
 def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,

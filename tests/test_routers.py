@@ -175,3 +175,36 @@ def test_z_loss_equals_the_mean_squared_log_partition_function(padded):
     ref = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in rows) / len(rows)
     got = router_z_loss(logits, torch.tensor(used).float() if padded else None)
     assert math.isclose(float(got), ref, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("priority", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("k, cf", [(1, 1.0), (2, 0.6), (2, 1.2)])
+def test_the_fused_paper_router_decides_as_paper_routing_and_its_backward_is_autograds(k, cf, padded, priority):
+    """routing_core.PaperRouter (the gate's training path) against paper_routing traced by autograd on
+    the same inputs: the same routes bit for bit, the gate values and balance loss equal, and the
+    hand-written gradients of the tokens and the gate matrix equal autograd's to rounding."""
+    from ds_widenet.routing_core import PaperRouter, router_entropy, router_logits
+
+    g = torch.Generator().manual_seed(11 + k)
+    s, d, e = 48, 16, 4
+    x = torch.randn(s, d, generator=g, requires_grad=True)
+    w = (0.5 * torch.randn(e, d, generator=g)).requires_grad_()
+    noise = torch.randn(s, e, generator=g)
+    used = (torch.rand(s, generator=g) > 0.25) if padded else None
+    probe = torch.randn(k, s, generator=g)  # an arbitrary downstream use of the gate values
+
+    logits = torch.add(router_logits(x, w), noise, alpha=0.7)
+    l_ref, cap, _, idx_ref, loc_ref, gates_ref, counts_ref = paper_routing(logits, k, cf, 1, used, True,
+                                                                          priority=priority)
+    ref = torch.autograd.grad(3.0 * l_ref + (gates_ref * probe).sum(), [x, w])
+    l_aux, gates, idx, loc, counts, entropy = PaperRouter.apply(x, w, noise, 0.7, k, cf, 1, used, priority)
+    got = torch.autograd.grad(3.0 * l_aux + (gates * probe).sum(), [x, w])
+
+    assert torch.equal(idx, idx_ref) and torch.equal(loc, loc_ref) and torch.equal(counts, counts_ref)
+    assert (idx == -1).any() or cf > 1  # the capacity drops routes where it is short
+    assert torch.equal(gates, gates_ref) and torch.equal(l_aux, l_ref)
+    assert torch.equal(entropy, router_entropy(logits, used))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert b.abs().max() > 1e-3  # both paths carry a real gradient

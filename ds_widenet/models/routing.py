@@ -30,8 +30,8 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import Tensor
 
 from .. import rng
-from ..routing_core import (RouteKey, RoutingStats, expert_choice_routing, paper_routing,  # noqa: F401
-                            router_entropy, router_logits, router_z_loss, stats_from_routes)
+from ..routing_core import (PaperRouter, RouteKey, RoutingStats, expert_choice_routing, paper_capacity,  # noqa: F401
+                            paper_routing, router_entropy, router_logits, router_z_loss, stats_from_routes)
 
 NoiseSource = Callable[[torch.Size, int, Optional[RouteKey], torch.device], Tensor]
 
@@ -123,20 +123,35 @@ class PaperGate(TopKGate):
         # to show what keyed noise protects against) can replace it.
         self.noise_source: NoiseSource = KeyedRouterNoise(call_depths)
 
-    def logits(self, x: Tensor, depth: int) -> Tensor:
+    def weight(self, depth: int) -> Tensor:
+        """The gate matrix [E, d] used at `depth`."""
         e = self.wg.out_features // self.num_depths
         w = self.wg.weight
         if self.num_depths > 1:
             w = w[depth * e:(depth + 1) * e]  # slice before the cast: only this depth's matrix
-        return router_logits(x, w)
+        return w
+
+    def logits(self, x: Tensor, depth: int) -> Tensor:
+        return router_logits(x, self.weight(depth))
 
     def forward(self, input: Tensor, used_token: Optional[Tensor] = None, depth: int = 0,  # type: ignore[override]
                 key: Optional[RouteKey] = None) -> Routes:
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        noisy = self.training and self.noise_std > 0
+        if self.drop_tokens and not (self.expert_choice or self.z_loss or torch.compiler.is_compiling()):
+            # one autograd node (routing_core.PaperRouter); traced by torch.compile the ops below fuse instead
+            s, e = input.shape[0], self.wg.out_features // self.num_depths
+            noise = self.noise_source(torch.Size((s, e)), depth, key, input.device) if noisy else None
+            l_aux, gates, indices, locations, counts, entropy = PaperRouter.apply(
+                input, self.weight(depth), noise, self.noise_std, self.k, cf, self.min_capacity, used_token,
+                self.priority)
+            capacity = paper_capacity(s, e, self.k, cf, self.min_capacity)
+            return Routes(l_aux, capacity, indices, locations, gates, entropy, None, False,
+                          counts.clamp(max=capacity))
         logits = self.logits(input, depth)
         z = router_z_loss(logits, used_token) if self.z_loss else None  # of the logits before the noise
-        if self.training and self.noise_std > 0:  # one op, in the logits' expert-major layout
+        if noisy:  # one op, in the logits' expert-major layout
             logits = torch.add(logits, self.noise_source(logits.shape, depth, key, logits.device), alpha=self.noise_std)
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.expert_choice:  # its counts are the routes kept
             l_aux, capacity, _, indices, locations, gates, counts = expert_choice_routing(
                 logits, self.k, cf, self.min_capacity, used_token)
