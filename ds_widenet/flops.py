@@ -218,15 +218,32 @@ def activation_elements_per_token(cfg: ModelConfig, batch: int, low_precision: b
 
 def activation_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int = 4, grad_ckpt: bool = False,
                      padded: bool = False, ep_size: int = 1) -> float:
-    """Estimated bytes saved for backward by one micro-batch. With activation checkpointing per
-    depth, only each block's input (d per token) is kept, plus one block recomputed at a time."""
+    """Estimated bytes saved for backward by one micro-batch: the activations, and the stacked expert
+    weights (expert_stack_elements). With activation checkpointing per depth, only each block's input
+    (d per token) is kept, plus one block recomputed at a time."""
     t = tokens_per_image(cfg)
     per = activation_elements_per_token(cfg, batch, low_precision=dtype_bytes < 4, padded=padded, ep_size=ep_size)
     full = batch * t * (per["act"] * dtype_bytes + per["fp32"] * 4)
+    stacks = 0 if padded else expert_stack_elements(cfg, dtype_bytes, ep_size) * dtype_bytes
     if not grad_ckpt:
-        return full
+        return full + stacks
     one_block = (full - batch * t * (cfg.in_chans * cfg.patch_size ** 2 + cfg.embed_dim + 10) * dtype_bytes) / cfg.depth
-    return batch * t * cfg.embed_dim * dtype_bytes * (cfg.depth + 1) + one_block
+    return batch * t * cfg.embed_dim * dtype_bytes * (cfg.depth + 1) + one_block + stacks
+
+
+def expert_stack_elements(cfg: ModelConfig, dtype_bytes: int = 4, ep_size: int = 1) -> int:
+    """Elements of the stacked expert weights one forward saves (moe_layer.with_bias: per MoE layer, its
+    local experts' fc1 and fc2 with their bias and zero columns, built once per forward and shared by
+    every call of the layer: WideNet's one layer at every depth). 0 without MoE."""
+    moe = cfg.moe
+    if moe is None or not moe_calls(cfg):
+        return 0
+    from .models.moe_layer import bias_columns
+
+    d, h = cfg.embed_dim, moe.expert_dim
+    layers = 1 if cfg.arch == "widenet" else moe_calls(cfg)
+    per_expert = h * (d + bias_columns(d, dtype_bytes)) + d * (h + bias_columns(h, dtype_bytes))
+    return layers * (moe.num_experts // ep_size) * per_expert
 
 
 def measure_saved_bytes(model: Any, images: Any) -> int:

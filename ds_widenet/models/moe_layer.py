@@ -83,15 +83,32 @@ def bias_columns(features: int, element_size: int) -> int:
 
 def with_bias(weights: list[Tensor], biases: list[Tensor], element_size: int) -> Tensor:
     """[G, out, in + c]: each group's nn.Linear weight, its bias as the next column, zeros after (the
-    c = bias_columns(in) columns that the inputs carry as ones and zeros). No gradient: GroupedFFN
-    computes the parameters' gradients itself."""
-    with torch.no_grad():
+    c = bias_columns(in) columns that the inputs carry as ones and zeros). Differentiable: the stack's
+    gradient goes back to the weights and biases (see ExpertStack)."""
+    return ExpertStack.apply(element_size, len(weights), *weights, *biases)
+
+
+class ExpertStack(torch.autograd.Function):
+    """with_bias as one autograd node. WideNet calls its shared MoE layer at every depth with the same
+    stack (memoised per forward), so autograd sums the depths' gradients in the stacked layout (one add
+    per depth) and this node splits the sum into the G weights and G biases once per backward, where
+    gradients per parameter would take 4G adds per depth and 4G gradient outputs per call."""
+
+    @staticmethod
+    def forward(ctx, element_size: int, groups: int, *params: Tensor) -> Tensor:  # noqa: ANN001 (ctx)
+        weights, biases = params[:groups], params[groups:]
+        ctx.groups, ctx.features = groups, weights[0].shape[1]
         w = torch.stack(weights)
         parts = [w, torch.stack(biases).unsqueeze(2)]
         cols = bias_columns(w.shape[2], element_size)
         if cols > 1:
             parts.append(w.new_zeros(w.shape[0], w.shape[1], cols - 1))
         return torch.cat(parts, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        k = ctx.features
+        return None, None, *grad[:, :, :k].unbind(0), *grad[:, :, k].unbind(0)
 
 
 class GroupedFFN(torch.autograd.Function):
@@ -107,20 +124,32 @@ class GroupedFFN(torch.autograd.Function):
     biases ride inside the grouped matmuls as a ones column (`bias_columns`), so their gradients are
     a column of the weight gradient. With one expert-parallel rank M is the tokens and w each route's
     gate value (dispatch and combine are the gather and the scatter-add); with several, M is the
-    received slot buffer and w is None. Eager code calls torch._grouped_mm directly (a torch.library
+    received slot buffer and w is None. The backward multiplies by the stacked weights themselves
+    (saved: one copy of the local experts' weights per forward, as the stacks are built once per
+    forward, `flops.expert_stack_elements`) and returns the stacks' gradients, which ExpertStack
+    splits into the parameters'. Eager code calls torch._grouped_mm directly (a torch.library
     custom op with a registered autograd costs ~150 us of Python dispatch per call); traced by
     torch.compile (which turns the Function into forward and backward subgraphs) it calls the custom
     ops above, whose fake functions accept float32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, src: Tensor, w: Optional[Tensor], offs: Tensor,  # noqa: ANN001 (ctx)
-                w1: Tensor, w2: Tensor, approximate: str, *params: Tensor) -> Tensor:
-        # w1 [G, hid, d + c_in], w2 [G, d, hid + c_hid]: with_bias of the parameters `params` (fc1
-        # weights, fc1 biases, fc2 weights, fc2 biases; given for their gradients)
+                w1: Tensor, w2: Tensor, approximate: str) -> Tensor:
+        # w1 [G, hid, d + c_in], w2 [G, d, hid + c_hid]: the experts' weights, biases and zero columns
+        # (with_bias); their gradients come back in that layout (ExpertStack splits them)
         m, d = x.shape
         hid = w1.shape[1]
         c_in = w1.shape[2] - d
-        xa = F.pad(x, (0, c_in, 0, 1), value=1.0).index_select(0, src)  # [rows, d + c_in]; row M: the sink
+        # [rows, d + c_in]: the tokens gathered straight into the padded rows (a row past the last
+        # offset takes the last token: never multiplied), then the ones. Traced, `out=` into a view
+        # would break the graph: the functional pad and gather (which inductor fuses) instead.
+        src_c = src.clamp(max=m - 1)
+        if torch.compiler.is_compiling():
+            xa = F.pad(x, (0, c_in), value=1.0).index_select(0, src_c)
+        else:
+            xa = x.new_empty(src.shape[0], d + c_in)
+            torch.index_select(x, 0, src_c, out=xa[:, :d])
+            xa[:, d:].fill_(1.0)
         h = _gmm(xa, w1.transpose(1, 2), offs)
         a = h.new_empty(h.shape[0], w2.shape[2])  # [GELU(h) | ones]: written once (F.pad would fill it first)
         a[:, :hid] = F.gelu(h, approximate=approximate)  # (torch 2.14's gelu(out=) ignores a strided out)
@@ -131,33 +160,30 @@ class GroupedFFN(torch.autograd.Function):
             out = y_w.new_zeros(m + 1, d).index_add_(0, src, y_w)
         else:
             out = x.new_zeros(m + 1, d).index_add_(0, src, y)
-        # the parameters, not the stacks: saved stacks would be activation memory (a copy of the expert
-        # weights per forward, per depth without a key); the backward stacks the weights it needs again
-        g = len(params) // 4
-        ctx.save_for_backward(xa, h, a, y, src, w, offs, *params[:g], *params[2 * g:3 * g])
-        ctx.dims = (g, approximate, m, d, hid)
+        ctx.save_for_backward(xa, h, a, y, src, src_c, w, offs, w1, w2)
+        ctx.dims = (approximate, m, d, hid)
         return out[:m].to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        g, approximate, m, d, hid = ctx.dims
-        xa, h, a, y, src, w, offs, *weights = ctx.saved_tensors
+        approximate, m, d, hid = ctx.dims
+        xa, h, a, y, src, src_c, w, offs, w1, w2 = ctx.saved_tensors
         # a row past the last offset takes any token's gradient (the last): it reaches no parameter (the
         # grouped matmuls stop at the offset) and no gate (w is 0 there; with w None it has no gate)
-        gy = grad.index_select(0, src.clamp(max=m - 1))
+        gy = grad.index_select(0, src_c)
         gw = None
         if w is not None:
-            gw = (gy * y).sum(1, dtype=w.dtype) if ctx.needs_input_grad[2] else None
+            if ctx.needs_input_grad[2]:  # float32 sums (bf16 outputs: in float32, as the gate values)
+                gw = torch.linalg.vecdot(gy, y) if y.dtype == w.dtype else (gy * y).sum(1, dtype=w.dtype)
             gy = gy.mul_(w.unsqueeze(1))
-        gw2 = _gmm_wgrad(a, gy, offs)  # [G, hid + c_hid, d]: weights^T, then the bias row
-        gh = torch.ops.aten.gelu_backward(_gmm(gy, torch.stack(weights[g:]), offs), h, approximate=approximate)
+        gw2 = _gmm_wgrad(a, gy, offs)  # [G, hid + c_hid, d]: the stack's gradient, transposed
+        # the stacks' weight columns as they are (16-byte rows): no copy of the weights
+        gh = torch.ops.aten.gelu_backward(_gmm(gy, w2[:, :, :hid], offs), h, approximate=approximate)
         gw1 = _gmm_wgrad(xa, gh, offs)  # [G, d + c_in, hid]
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = grad.new_zeros(m + 1, d).index_add_(0, src, _gmm(gh, torch.stack(weights[:g]), offs))[:m]
-        return (gx, None, gw, None, None, None, None,
-                *gw1[:, :d].transpose(1, 2).unbind(0), *gw1[:, d].unbind(0),
-                *gw2[:, :hid].transpose(1, 2).unbind(0), *gw2[:, hid].unbind(0))
+            gx = grad.new_zeros(m + 1, d).index_add_(0, src, _gmm(gh, w1[:, :, :d], offs))[:m]
+        return gx, None, gw, None, gw1.transpose(1, 2), gw2.transpose(1, 2), None
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -344,16 +370,15 @@ class GroupedExperts(Experts):
         act = dsi.experts_modules(self)[0].act
         if not isinstance(act, torch.nn.GELU):  # the Function's backward is GELU's
             raise TypeError(f"GroupedExperts runs Mlp experts with nn.GELU; got {type(act).__name__}")
-        params = [m.weight for m in fc1] + [m.bias for m in fc1] + [m.weight for m in fc2] + [m.bias for m in fc2]
         slot = ("expert_weights", id(self), x.dtype, str(x.device))
         stacks = None if key is None or torch.compiler.is_compiling() else key.memo.get(slot)
         if stacks is None:
             size = x.element_size()
-            stacks = (with_bias(params[:len(fc1)], params[len(fc1):2 * len(fc1)], size),
-                      with_bias(params[2 * len(fc1):3 * len(fc1)], params[3 * len(fc1):], size))
+            stacks = (with_bias([m.weight for m in fc1], [m.bias for m in fc1], size),
+                      with_bias([m.weight for m in fc2], [m.bias for m in fc2], size))
             if key is not None and not torch.compiler.is_compiling():
                 key.memo[slot] = stacks
-        return GroupedFFN.apply(x, src, weight, offs, *stacks, act.approximate, *params)
+        return GroupedFFN.apply(x, src, weight, offs, *stacks, act.approximate)
 
     def padded(self, buf: Tensor) -> Tensor:
         """[ranks, L, C, d] -> the same shape, every slot multiplied: one batched matmul per projection."""
