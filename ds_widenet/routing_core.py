@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,12 @@ def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     [E, S] matrix, returned transposed): the routing's softmax and top-k, the entropy and the noise add
     then run over the experts across contiguous tokens with no copy (over the last dim of a contiguous
     [S, E] the CPU kernels are ~20x slower at E = 4), and the matmul is [E, d] x [d, S]."""
-    return weight.float().mm(x.float().t()).t()
+    return _fp32(weight).mm(_fp32(x).t()).t()
+
+
+def _fp32(t: Tensor) -> Tensor:
+    # `.float()` of a float32 tensor returns it, but through the dispatcher (a `to` call per use)
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def paper_routing(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
@@ -114,7 +119,7 @@ class _PaperRoutes:
     idx: Tensor
     kept: Tensor
     ce: Tensor
-    n_used: Tensor
+    n_used: Union[float, Tensor]
 
 
 def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
@@ -128,17 +133,25 @@ def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     # [k, S, E] one-hot (a scatter: F.one_hot also checks the index range, a reduction over idx)
     mask = torch.zeros(k, num_tokens, num_experts, dtype=torch.long, device=logits.device).scatter_(
         2, idx.unsqueeze(2), 1)
+    n_used: Union[float, Tensor]
     if used_token is None:
-        n_used = torch.full((), float(num_tokens), device=logits.device)
+        n_used = float(num_tokens)
         me = probs.mean(1)
     else:
         used = used_token.reshape(-1)
         mask = mask * used.long().view(1, -1, 1)
         n_used = used.float().sum().clamp(min=1.0)
         me = (probs * used.float()).sum(1) / n_used
-    ce = mask[0].sum(0).float() / n_used
-    l_aux = num_experts * torch.sum(me * ce)
-    exp_counts = mask.sum((0, 1)).detach()
+    # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice;
+    # its last row counts every expert's routes, its row S-1 the first choices (in any queue order).
+    queue = mask
+    if priority:  # tokens queue by their top gate value, highest first (a stable sort: ties in token order)
+        order = torch.sort(top_gates[0].detach(), descending=True, stable=True).indices
+        queue = mask.index_select(1, order)
+    loc = queue.reshape(k * num_tokens, num_experts).cumsum(0)
+    exp_counts = loc[-1]
+    ce = loc[num_tokens - 1].float() / n_used
+    l_aux = num_experts * torch.dot(me, ce)
 
     if drop_tokens:
         capacity = paper_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
@@ -148,12 +161,7 @@ def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
             torch.distributed.all_reduce(cap, op=torch.distributed.ReduceOp.MAX, group=ep_group)
         capacity = max(int(cap), 1)
 
-    # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice.
-    queue = mask
-    if priority:  # tokens queue by their top gate value, highest first (a stable sort: ties in token order)
-        order = torch.sort(top_gates[0].detach(), descending=True, stable=True).indices
-        queue = mask.index_select(1, order)
-    loc = queue.reshape(k * num_tokens, num_experts).cumsum(0).view(k, num_tokens, num_experts)
+    loc = loc.view(k, num_tokens, num_experts)
     if priority:  # back to token order: the token at queue position j is order[j]
         loc = torch.empty_like(loc).index_copy_(1, order, loc)
     # [k, S]: the route's place in its expert's queue (its count there, less one)
@@ -192,7 +200,7 @@ class PaperRouter(torch.autograd.Function):
         used = None if used_token is None else used_token.reshape(-1).float()
         # d l_aux / d probs[e, s] = E * ce[e] * used[s] / n_used (the balance loss is linear in probs)
         ctx.save_for_backward(x, weight, r.probs, r.idx, r.kept, r.ce * (logits.shape[1] / r.n_used), used)
-        entropy = router_entropy(logits, used_token)
+        entropy = probs_entropy(r.probs, used_token)
         ctx.mark_non_differentiable(r.indices, r.locations, r.counts, entropy)
         return r.l_aux, r.gates, r.indices, r.locations, r.counts, entropy
 
@@ -252,12 +260,18 @@ def router_z_loss(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor
 def router_entropy(logits: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
     """Mean over the used tokens of the entropy (nats) of softmax(logits) over experts ([S, E] -> [])."""
     with torch.no_grad():  # on the [E, S] layout, as paper_routing's softmax (a reduction over a short dim)
-        logp = F.log_softmax(logits.detach().float().t().contiguous(), dim=0)
-        h = -(logp.exp() * logp).sum(0)
+        return probs_entropy(F.softmax(logits.detach().float().t().contiguous(), dim=0), used_token)
+
+
+def probs_entropy(probs: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+    """router_entropy of the routing probabilities themselves ([E, S], each column a softmax): the
+    paper router has them, so its statistics need no second softmax."""
+    with torch.no_grad():
+        h = torch.special.xlogy(probs, probs).sum(0)  # 0 log 0 = 0
         if used_token is None:
-            return h.mean()
+            return h.mean().neg()
         w = used_token.reshape(-1).float()
-        return (h * w).sum() / w.sum().clamp(min=1.0)
+        return (h * w).sum().neg() / w.sum().clamp(min=1.0)
 
 
 def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
