@@ -46,6 +46,7 @@ from typing import Any, Optional
 
 from . import deepspeed_internals as dsi
 from .config import ModelConfig
+from .routing_core import paper_capacity
 
 
 def tokens_per_image(cfg: ModelConfig) -> int:
@@ -71,14 +72,13 @@ def capacity(cfg: ModelConfig, tokens: int) -> int:
     assert moe is not None
     if not moe.drop_tokens:
         return math.ceil(moe.k * tokens / moe.num_experts)
-    if moe.expert_choice:  # routing_core.expert_choice_routing: never more than the group's tokens
-        return min(tokens, max(math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k), moe.min_capacity))
-    if moe.paper_gate:  # routing_core.paper_routing
-        c = math.ceil(tokens / moe.num_experts * moe.capacity_factor * moe.k)
-    else:  # deepspeed.moe.sharded_moe._capacity: float32 (S/E) * (cf*k), ceil
-        import torch
+    if moe.paper_gate:  # routing_core.paper_routing; expert choice never takes more than the group's tokens
+        c = paper_capacity(tokens, moe.num_experts, moe.k, moe.capacity_factor, moe.min_capacity)
+        return min(tokens, c) if moe.expert_choice else c
+    # deepspeed.moe.sharded_moe._capacity: float32 (S/E) * (cf*k), ceil
+    import torch
 
-        c = int(torch.ceil(torch.tensor(tokens / moe.num_experts) * torch.tensor(moe.capacity_factor * moe.k)))
+    c = int(torch.ceil(torch.tensor(tokens / moe.num_experts) * torch.tensor(moe.capacity_factor * moe.k)))
     return max(c, moe.min_capacity)
 
 

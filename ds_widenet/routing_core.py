@@ -230,7 +230,7 @@ def expert_choice_routing(logits: Tensor, k: int, capacity_factor: float, min_ca
     the expert's C), gates [E, S] (its gate value, 0 where not taken); l_aux is 0 (no balance loss)."""
     num_tokens, num_experts = logits.shape
     probs = F.softmax(logits.t(), dim=0)  # [E, S] (see router_logits)
-    capacity = min(num_tokens, max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity))
+    capacity = min(num_tokens, paper_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity))
     scores = probs.detach().nan_to_num(nan=-1.0)  # a NaN would sort first
     if used_token is not None:
         used = used_token.reshape(1, -1).bool()

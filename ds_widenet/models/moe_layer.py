@@ -97,7 +97,7 @@ class ExpertStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, element_size: int, groups: int, *params: Tensor) -> Tensor:  # noqa: ANN001 (ctx)
         weights, biases = params[:groups], params[groups:]
-        ctx.groups, ctx.features = groups, weights[0].shape[1]
+        ctx.features = weights[0].shape[1]
         w = torch.stack(weights)
         parts = [w, torch.stack(biases).unsqueeze(2)]
         cols = bias_columns(w.shape[2], element_size)
