@@ -107,7 +107,8 @@ def paper_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: f
 @dataclass
 class _PaperRoutes:
     """paper_routing's result and what its gradient needs: probs [E, S] (the softmax), idx [k, S] (the
-    chosen experts, long), kept [k, S] (bool), ce [E] (the balance loss's route fractions)."""
+    chosen experts, long), kept [k, S] (bool), daux [E] (d l_aux / d probs[e, s] for a used token s:
+    the balance loss is linear in the probabilities)."""
 
     l_aux: Tensor
     capacity: int
@@ -118,8 +119,7 @@ class _PaperRoutes:
     probs: Tensor
     idx: Tensor
     kept: Tensor
-    ce: Tensor
-    n_used: Union[float, Tensor]
+    daux: Tensor
 
 
 def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int,
@@ -133,15 +133,18 @@ def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     # [k, S, E] one-hot (a scatter: F.one_hot also checks the index range, a reduction over idx)
     mask = torch.zeros(k, num_tokens, num_experts, dtype=torch.long, device=logits.device).scatter_(
         2, idx.unsqueeze(2), 1)
+    # l_aux = E * sum_e me[e] * ce[e], me the mean probability and ce the first-choice fraction over the
+    # n used tokens: computed as dot(probs summed over the used tokens, daux), daux = E * ce / n, the
+    # gradient PaperRouter's backward needs (fewer small ops than the mean, the fractions and their product)
     n_used: Union[float, Tensor]
     if used_token is None:
         n_used = float(num_tokens)
-        me = probs.mean(1)
+        p_sum = probs.sum(1)
     else:
         used = used_token.reshape(-1)
         mask = mask * used.long().view(1, -1, 1)
         n_used = used.float().sum().clamp(min=1.0)
-        me = (probs * used.float()).sum(1) / n_used
+        p_sum = probs.mv(used.float())
     # One cumsum over the k-major [k*S, E] block: every first choice queues before any second choice;
     # its last row counts every expert's routes, its row S-1 the first choices (in any queue order).
     queue = mask
@@ -150,8 +153,8 @@ def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
         queue = mask.index_select(1, order)
     loc = queue.reshape(k * num_tokens, num_experts).cumsum(0)
     exp_counts = loc[-1]
-    ce = loc[num_tokens - 1].float() / n_used
-    l_aux = num_experts * torch.dot(me, ce)
+    daux = loc[num_tokens - 1] * (num_experts / n_used ** 2)  # float (a long times a float)
+    l_aux = torch.dot(p_sum, daux)
 
     if drop_tokens:
         capacity = paper_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
@@ -169,10 +172,9 @@ def _paper_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: 
     kept = loc_s < capacity
     if used_token is not None:  # a padding token queues nowhere: none of its routes is kept
         kept &= mask.sum(-1) > 0
-    indices = torch.where(kept, idx, -1).to(torch.int32)
-    locations = torch.where(kept, loc_s, 0).to(torch.int32)
-    return _PaperRoutes(l_aux, capacity, indices, locations, top_gates * kept, exp_counts, probs, idx, kept, ce,
-                        n_used)
+    indices = torch.where(kept, idx, -1)  # int64, as every consumer indexes with them
+    locations = torch.where(kept, loc_s, 0)
+    return _PaperRoutes(l_aux, capacity, indices, locations, top_gates * kept, exp_counts, probs, idx, kept, daux)
 
 
 class PaperRouter(torch.autograd.Function):
@@ -198,8 +200,8 @@ class PaperRouter(torch.autograd.Function):
             logits = torch.add(logits, noise, alpha=noise_std)
         r = _paper_routes(logits, k, capacity_factor, min_capacity, used_token, True, None, priority)
         used = None if used_token is None else used_token.reshape(-1).float()
-        # d l_aux / d probs[e, s] = E * ce[e] * used[s] / n_used (the balance loss is linear in probs)
-        ctx.save_for_backward(x, weight, r.probs, r.idx, r.kept, r.ce * (logits.shape[1] / r.n_used), used)
+        # d l_aux / d probs[e, s] = daux[e] * used[s] (the balance loss is linear in probs)
+        ctx.save_for_backward(x, weight, r.probs, r.idx, r.kept, r.daux, used)
         entropy = probs_entropy(r.probs, used_token)
         ctx.mark_non_differentiable(r.indices, r.locations, r.counts, entropy)
         return r.l_aux, r.gates, r.indices, r.locations, r.counts, entropy
@@ -267,11 +269,11 @@ def probs_entropy(probs: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
     """router_entropy of the routing probabilities themselves ([E, S], each column a softmax): the
     paper router has them, so its statistics need no second softmax."""
     with torch.no_grad():
-        h = torch.special.xlogy(probs, probs).sum(0)  # 0 log 0 = 0
+        h = torch.special.entr(probs)  # -p log p, 0 at p = 0
         if used_token is None:
-            return h.mean().neg()
+            return h.sum().div_(probs.shape[1])
         w = used_token.reshape(-1).float()
-        return (h * w).sum().neg() / w.sum().clamp(min=1.0)
+        return h.sum(0).dot(w) / w.sum().clamp(min=1.0)
 
 
 def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: int,
@@ -282,14 +284,13 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
     expert choice [E, S], see RoutingStats); `counts` [E], the routes each expert keeps where the
     router has them (padding excluded), spares counting them from the indices."""
     k, s = indices.shape
-    idx = indices.long()
+    idx = indices if indices.dtype == torch.long else indices.long()
     if used_token is not None:
         used = used_token.reshape(1, s).bool()
         idx = torch.where(used, idx, torch.full_like(idx, -1))
         n_tokens = used.sum()
     else:
         n_tokens = torch.full((), s, dtype=torch.long, device=idx.device)
-    n_routes = n_tokens * k
     if counts is not None:
         expert_tokens = counts.float()
     else:  # counts by scatter-add: no host sync (boolean indexing and CUDA bincount both read sizes back)
@@ -297,9 +298,16 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
             0, idx.clamp(min=0).flatten(), (idx >= 0).flatten().float())
     if expert_choice:  # a token is dropped when no expert took it (padding is never taken: not counted)
         dropped = 1.0 - (idx >= 0).any(0).sum().float() / n_tokens.clamp(min=1).float()
+    elif used_token is None:  # k * S routes (a Python number: fewer small ops on the hot path)
+        dropped = expert_tokens.sum().mul_(-1.0 / (k * s)).add_(1.0)
     else:
-        dropped = 1.0 - expert_tokens.sum() / n_routes.clamp(min=1).float()
-    return RoutingStats(aux_loss=l_aux, expert_index=idx.reshape(k, batch, s // batch).detach(),
-                        expert_tokens=expert_tokens.detach(), dropped=dropped.detach(),
-                        entropy=None if entropy is None else entropy.detach(), num_tokens=n_tokens.detach(),
+        dropped = 1.0 - expert_tokens.sum() / (n_tokens * k).clamp(min=1).float()
+    return RoutingStats(aux_loss=l_aux, expert_index=_no_grad(idx.view(k, batch, s // batch)),
+                        expert_tokens=_no_grad(expert_tokens), dropped=_no_grad(dropped),
+                        entropy=None if entropy is None else _no_grad(entropy), num_tokens=n_tokens,
                         z_loss=z_loss, expert_choice=expert_choice)
+
+
+def _no_grad(t: Tensor) -> Tensor:
+    # statistics never carry a graph; `detach` of a tensor that has none is one more op per field
+    return t.detach() if t.requires_grad else t

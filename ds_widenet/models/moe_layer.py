@@ -277,26 +277,33 @@ def packed_routes(indices: Tensor, locations: Tensor, num_experts: int, sink: in
     Every router here keeps an expert's routes at locations 0..n_e-1 (its queue positions below the
     capacity; expert choice's ranks, padding last), so expert e's rows are offs[e-1] + location: pack_slots'
     layout from the route counts, in a third of its ops (the occupancy map is not needed)."""
-    idx = indices.long()
-    e = torch.where(idx >= 0, idx, torch.full_like(idx, num_experts)).reshape(-1)
+    idx = indices if indices.dtype == torch.long else indices.long()
+    e = (idx + 1).view(-1)  # 0 for a route not kept (index -1): the sink's entry below
     if counts is None:  # the routes each expert keeps (the router's Routes.counts, where it has them)
         counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).index_add_(
-            0, e, torch.ones_like(e))[:num_experts]
+            0, e, torch.ones_like(e))[1:]
     offs = counts.cumsum(0)
-    start = torch.cat([offs - counts, offs.new_full((1,), sink)])  # the sink's location is 0
+    start = torch.cat([offs.new_full((1,), sink), offs - counts])  # a route not kept has location 0
     return (start.index_select(0, e).view_as(idx) + locations), offs.to(torch.int32)
 
 
-def row_sources(rows: Tensor, gates: Tensor, packed_rows: int) -> tuple[Tensor, Tensor]:
+def row_sources(rows: Tensor, gates: Tensor, packed_rows: int, tokens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Routes' packed rows [k, S] (`packed_rows` for a dropped one) -> each packed row's token ([rows],
-    S for a row no route fills) and gate value ([rows], 0 there; differentiable in `gates`)."""
+    S for a row no route fills) and gate value ([rows], 0 there; differentiable in `gates`).
+    `tokens`: route_tokens(k, S) where the caller keeps it (WideNet's depths share one)."""
     s = rows.shape[1]
     flat = rows.reshape(-1)
-    tokens = torch.arange(s, device=rows.device).expand_as(rows).reshape(-1)
+    if tokens is None:
+        tokens = route_tokens(rows.shape[0], s, rows.device)
     src = torch.full((packed_rows + 1,), s, dtype=torch.long, device=rows.device).scatter_(0, flat, tokens)
     # a dropped route's gate value (0) goes to the sink entry, cut off
     weight = gates.new_zeros(packed_rows + 1).scatter(0, flat, gates.reshape(-1))
     return src[:-1], weight[:-1]
+
+
+def route_tokens(k: int, num_tokens: int, device: torch.device) -> Tensor:
+    """[k * S] int64: the token of each route in the flattened [k, S] layout (0..S-1, k times)."""
+    return torch.arange(num_tokens, device=device).repeat(k)
 
 
 def route_slots(indices: Tensor, locations: Tensor, capacity: int, num_experts: int) -> Tensor:
@@ -415,7 +422,13 @@ class SparseMoELayer(MOELayer):
         packed_rows = ranks * min(local * cap, r.indices.numel())
         if ranks == 1 and grouped:  # tokens go straight to their packed row, outputs straight back
             rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows, r.counts)
-            src, weight = row_sources(rows, r.gates, packed_rows)
+            of_route = None  # each route's token: one per forward, for every depth
+            if key is not None and not torch.compiler.is_compiling():
+                slot = ("route_tokens", r.indices.shape, str(x.device))
+                of_route = key.memo.get(slot)
+                if of_route is None:
+                    of_route = key.memo[slot] = route_tokens(*r.indices.shape, x.device)
+            src, weight = row_sources(rows, r.gates, packed_rows, of_route)
             out = self.experts.routed(tokens, src, weight, offs, key)
             return MoELayerOutput(out.reshape(x.shape), r)
         slots = route_slots(r.indices, r.locations, cap, num_experts)
