@@ -298,8 +298,9 @@ def stats_from_routes(l_aux: Tensor, indices: Tensor, num_experts: int, batch: i
             0, idx.clamp(min=0).flatten(), (idx >= 0).flatten().float())
     if expert_choice:  # a token is dropped when no expert took it (padding is never taken: not counted)
         dropped = 1.0 - (idx >= 0).any(0).sum().float() / n_tokens.clamp(min=1).float()
-    elif used_token is None:  # k * S routes (a Python number: fewer small ops on the hot path)
-        dropped = expert_tokens.sum().mul_(-1.0 / (k * s)).add_(1.0)
+    elif used_token is None:  # k * S routes (a Python number: fewer small ops on the hot path); a true
+        # division, as below: a product with the rounded 1 / (k * S) leaves 6e-8 where no route dropped
+        dropped = expert_tokens.sum().div_(-max(k * s, 1)).add_(1.0)
     else:
         dropped = 1.0 - expert_tokens.sum() / (n_tokens * k).clamp(min=1).float()
     return RoutingStats(aux_loss=l_aux, expert_index=_no_grad(idx.view(k, batch, s // batch)),

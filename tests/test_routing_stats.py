@@ -105,6 +105,24 @@ def test_drop_rate_and_entropy_are_weighted_by_tokens_over_calls():
 # Routing across depths
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_call_that_drops_no_route_reports_a_drop_rate_of_exactly_zero_at_any_token_count(k):
+    from ds_widenet.routing_core import stats_from_routes
+
+    # k * S = 41, 47, 55, ... are where a product with the rounded 1 / (k * S) would leave 6e-8
+    for s in (41, 47, 55, 61, 82, 1088, 2999):
+        idx = torch.arange(k * s).remainder(E).view(k, s)
+        counts = torch.bincount(idx.flatten(), minlength=E)
+        for c in (None, counts):
+            assert stats_from_routes(torch.zeros(()), idx, E, 1, None, counts=c).dropped.item() == 0.0, (s, c)
+    # one route of k * S dropped: exactly the fraction 1 - (k S - 1) / (k S) in float32
+    s = 47
+    idx = torch.arange(k * s).remainder(E).view(k, s)
+    idx[0, 0] = -1
+    got = stats_from_routes(torch.zeros(()), idx, E, 1, None).dropped
+    assert got.item() == (1.0 - torch.tensor(float(k * s - 1)) / (k * s)).item()
+
+
 def test_route_change_counts_tokens_whose_top_k_set_differs_and_leaves_out_dropped_routes():
     # [k=2, B=1, T=5]; token 0: {0,1} -> {1,0} same set; 1: {2,3} -> {2,1} changed; 2: a route dropped
     # at depth 0; 3: dropped at depth 1 (both left out); 4: {0,3} -> {3,2} changed
