@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Hashable, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -26,6 +28,18 @@ class RouteKey:
     step: int
     sample_ids: Tensor
     memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def once_per_forward(key: Optional[RouteKey], slot: Hashable, make: Callable[[], _T]) -> _T:
+    """make(), made at the forward's first call and kept on key.memo[slot] for the later ones (WideNet
+    calls its shared layers at every depth); without a key, or traced by torch.compile (where a value
+    kept from one traced call would leak into the next graph), made per call."""
+    if key is None or torch.compiler.is_compiling():
+        return make()
+    value = key.memo.get(slot)
+    if value is None:
+        value = key.memo[slot] = make()
+    return value
 
 
 @dataclass

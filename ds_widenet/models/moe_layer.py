@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from .. import deepspeed_internals as dsi
-from ..routing_core import RouteKey
+from ..routing_core import RouteKey, once_per_forward
 from .routing import Routes
 
 
@@ -377,14 +377,10 @@ class GroupedExperts(Experts):
         act = dsi.experts_modules(self)[0].act
         if not isinstance(act, torch.nn.GELU):  # the Function's backward is GELU's
             raise TypeError(f"GroupedExperts runs Mlp experts with nn.GELU; got {type(act).__name__}")
-        slot = ("expert_weights", id(self), x.dtype, str(x.device))
-        stacks = None if key is None or torch.compiler.is_compiling() else key.memo.get(slot)
-        if stacks is None:
-            size = x.element_size()
-            stacks = (with_bias([m.weight for m in fc1], [m.bias for m in fc1], size),
-                      with_bias([m.weight for m in fc2], [m.bias for m in fc2], size))
-            if key is not None and not torch.compiler.is_compiling():
-                key.memo[slot] = stacks
+        size = x.element_size()
+        stacks = once_per_forward(key, ("expert_weights", id(self), x.dtype, str(x.device)), lambda: (
+            with_bias([m.weight for m in fc1], [m.bias for m in fc1], size),
+            with_bias([m.weight for m in fc2], [m.bias for m in fc2], size)))
         return GroupedFFN.apply(x, src, weight, offs, *stacks, act.approximate)
 
     def padded(self, buf: Tensor) -> Tensor:
@@ -422,12 +418,8 @@ class SparseMoELayer(MOELayer):
         packed_rows = ranks * min(local * cap, r.indices.numel())
         if ranks == 1 and grouped:  # tokens go straight to their packed row, outputs straight back
             rows, offs = packed_routes(r.indices, r.locations, num_experts, packed_rows, r.counts)
-            of_route = None  # each route's token: one per forward, for every depth
-            if key is not None and not torch.compiler.is_compiling():
-                slot = ("route_tokens", r.indices.shape, str(x.device))
-                of_route = key.memo.get(slot)
-                if of_route is None:
-                    of_route = key.memo[slot] = route_tokens(*r.indices.shape, x.device)
+            of_route = once_per_forward(key, ("route_tokens", r.indices.shape, str(x.device)),
+                                        lambda: route_tokens(*r.indices.shape, x.device))  # each route's token
             src, weight = row_sources(rows, r.gates, packed_rows, of_route)
             out = self.experts.routed(tokens, src, weight, offs, key)
             return MoELayerOutput(out.reshape(x.shape), r)

@@ -30,8 +30,8 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import Tensor
 
 from .. import rng
-from ..routing_core import (PaperRouter, RouteKey, RoutingStats, expert_choice_routing, paper_capacity,  # noqa: F401
-                            paper_routing, router_entropy, router_logits, router_z_loss, stats_from_routes)
+from ..routing_core import (PaperRouter, RouteKey, RoutingStats, expert_choice_routing, once_per_forward,  # noqa: F401
+                            paper_capacity, paper_routing, router_entropy, router_logits, router_z_loss, stats_from_routes)
 
 NoiseSource = Callable[[torch.Size, int, Optional[RouteKey], torch.device], Tensor]
 
@@ -76,10 +76,8 @@ class KeyedRouterNoise:
         if self.num_depths <= 1 or key is None or not 0 <= depth < self.num_depths or torch.compiler.is_compiling():
             return keyed_router_noise(shape, depth, key, device)
         slot = ("router_noise", id(self), tuple(shape), str(device))
-        noise = key.memo.get(slot)
-        if noise is None:
-            noise = key.memo[slot] = keyed_router_noise_depths(shape, range(self.num_depths), key, device)
-        return noise[depth]
+        return once_per_forward(key, slot, lambda: keyed_router_noise_depths(shape, range(self.num_depths), key,
+                                                                              device))[depth]
 
 
 @dataclass
